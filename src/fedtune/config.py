@@ -1,0 +1,217 @@
+"""Typed run configuration: TOML plus `--set key=value` overrides, validated once at load.
+
+Code never reads settings by string key: it receives these pydantic models. Every error names the field,
+the value given and what is allowed, in one line per problem.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import tomli_w
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from fedtune.errors import ConfigError
+
+PositiveInt = Annotated[int, Field(ge=1)]
+Fraction = Annotated[float, Field(gt=0.0, lt=1.0)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RunConfig(_Section):
+    """Where results go and how the run is seeded."""
+
+    name: str = Field("default", min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
+    dir: Path | None = None  # defaults to runs/<name>
+    seed: int = Field(0, ge=0)
+    threads: PositiveInt | None = None  # torch intra-op threads; default: torch's choice
+
+    @property
+    def resolved_dir(self) -> Path:
+        return self.dir if self.dir is not None else Path("runs") / self.name
+
+
+class ModelConfig(_Section):
+    """The base model: a built-in name (`smollm2-135m`, `tiny`) or a local Hugging Face directory."""
+
+    name: str = Field("smollm2-135m", min_length=1)
+
+
+class LoraSettings(_Section):
+    """LoRA adapter shape, passed to `peft.LoraConfig`."""
+
+    rank: PositiveInt = 8
+    alpha: float = Field(16.0, gt=0.0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1
+    )
+
+
+class DataConfig(_Section):
+    """Where client data comes from and how it is split into clients and tokenized."""
+
+    source: str = Field("shakespeare", min_length=1)  # shakespeare | chat | path to .jsonl/.csv/.parquet
+    text_field: str = "text"
+    client_field: str | None = None  # natural split for files; without it, `partition` is used
+    partition: Literal["natural", "iid", "dirichlet"] = "natural"
+    dirichlet_alpha: float = Field(0.5, gt=0.0)
+    label_field: str | None = None  # dirichlet over this label; without it, over quantity
+    min_examples: int = Field(8, ge=2)  # clients with fewer examples are left out
+    max_examples_per_client: PositiveInt | Literal["all"] = 256
+    eval_fraction: Fraction = 0.2
+    max_seq_len: int = Field(64, ge=8)  # tokens per example; longer text is truncated
+
+
+class FederationConfig(_Section):
+    """The rounds: how many, which clients, how much local work."""
+
+    rounds: PositiveInt = 6
+    num_clients: PositiveInt | Literal["all"] = 16  # population size, sampled from the eligible clients
+    clients_per_round: PositiveInt = 4
+    fraction_per_round: float | None = Field(None, gt=0.0, le=1.0)  # overrides clients_per_round
+    local_steps: PositiveInt = 8
+    local_epochs: PositiveInt | None = None  # when set, train whole epochs instead of local_steps
+
+
+class TrainConfig(_Section):
+    """Each client's local optimizer (AdamW)."""
+
+    lr: float = Field(2e-3, gt=0.0)
+    batch_size: PositiveInt = 4
+    weight_decay: float = Field(0.0, ge=0.0)
+    max_grad_norm: float = Field(1.0, ge=0.0)  # 0 disables gradient clipping
+
+
+class ServerConfig(_Section):
+    """Aggregation rule and server optimizer, composed: the rule makes one delta, the optimizer applies it."""
+
+    rule: Literal["fedavg", "median", "trimmed_mean"] = "fedavg"
+    trim_fraction: float = Field(0.1, ge=0.0, lt=0.5)  # per side, for trimmed_mean
+    optimizer: Literal["sgd", "momentum", "adam", "yogi"] = "sgd"
+    lr: float = Field(1.0, gt=0.0)  # server learning rate; sgd with lr=1 is plain FedAvg
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    beta1: float = Field(0.9, ge=0.0, lt=1.0)
+    beta2: float = Field(0.99, ge=0.0, lt=1.0)
+    eps: float = Field(1e-3, gt=0.0)  # adaptivity tau of FedAdam/FedYogi (Reddi et al. 2021)
+
+
+class EvalConfig(_Section):
+    """Evaluation of the global adapter on the clients' held-out data."""
+
+    every: PositiveInt = 2  # rounds; the first and last rounds are always evaluated
+    max_examples_per_client: PositiveInt = 8
+    batch_size: PositiveInt = 8
+
+
+class Config(_Section):
+    """A whole run. Sections mirror the TOML file."""
+
+    run: RunConfig = RunConfig()
+    model: ModelConfig = ModelConfig()
+    lora: LoraSettings = LoraSettings()
+    data: DataConfig = DataConfig()
+    federation: FederationConfig = FederationConfig()
+    train: TrainConfig = TrainConfig()
+    server: ServerConfig = ServerConfig()
+    eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _combinations(self) -> Config:
+        fed, data = self.federation, self.data
+        if isinstance(fed.num_clients, int) and fed.clients_per_round > fed.num_clients:
+            raise ValueError(
+                f"federation.clients_per_round = {fed.clients_per_round} exceeds "
+                f"federation.num_clients = {fed.num_clients}; lower it or raise num_clients"
+            )
+        is_file = data.source not in BUILTIN_SOURCES
+        if data.partition == "natural" and is_file and data.client_field is None:
+            raise ValueError(
+                f"data.partition = 'natural' needs data.client_field for file {data.source!r}; "
+                "name the client column or use partition = 'iid' or 'dirichlet'"
+            )
+        if data.partition != "natural" and fed.num_clients == "all":
+            raise ValueError(
+                f"data.partition = {data.partition!r} needs a number of clients; "
+                "set federation.num_clients to an integer"
+            )
+        return self
+
+
+BUILTIN_SOURCES = ("shakespeare", "chat")
+
+
+def _parse_value(text: str) -> Any:
+    """A `--set` value is read as a TOML value (3, 0.5, true, [\"a\"]); anything else is a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `section.key=value` strings to a nested dict, returning a new dict."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or len(parts) != 2 or not all(parts):
+            raise ConfigError(
+                f"--set {item!r}: expected section.key=value, for example federation.rounds=3"
+            )
+        section, field = parts
+        target = out.setdefault(section, {})
+        if not isinstance(target, dict):
+            raise ConfigError(f"--set {item!r}: {section!r} is not a section")
+        target[field] = _parse_value(value.strip())
+    return out
+
+
+def _describe(error: dict[str, Any]) -> str:
+    where = ".".join(str(p) for p in error["loc"]) or "config"
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        model: type[BaseModel] = Config
+        for part in error["loc"][:-1]:
+            field = model.model_fields.get(str(part))
+            if field is None or not isinstance(field.annotation, type):
+                break
+            model = field.annotation
+        allowed = ", ".join(model.model_fields)
+        return f"{where}: unknown key; allowed here: {allowed}"
+    if kind == "value_error":
+        return str(error["ctx"]["error"]) if "ctx" in error else error["msg"]
+    given = error.get("input")
+    return f"{where} = {given!r}: {error['msg'][0].lower()}{error['msg'][1:]}"
+
+
+def validate(raw: dict[str, Any]) -> Config:
+    """Build a Config from a nested dict, turning pydantic errors into one ConfigError."""
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        lines = [_describe(e) for e in exc.errors(include_url=False)]
+        raise ConfigError("invalid config: " + "; ".join(lines)) from None
+
+
+def load_config(path: Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a TOML file (or start from defaults), apply overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} not found; pass an existing TOML file")
+        try:
+            raw = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
+    return validate(apply_overrides(raw, overrides or []))
+
+
+def to_toml(config: Config) -> str:
+    """The resolved config as TOML; `load_config` of it gives back an equal Config."""
+    return tomli_w.dumps(config.model_dump(mode="json", exclude_none=True))

@@ -1,0 +1,17 @@
+"""One root error type; every user-facing failure is a subclass with a message that names the fix."""
+
+
+class FedtuneError(Exception):
+    """Root of every error fedtune raises on purpose. The CLI prints these as one line."""
+
+
+class ConfigError(FedtuneError):
+    """A configuration value is missing, of the wrong type, or cannot work with the others."""
+
+
+class DataError(FedtuneError):
+    """A data source is missing, malformed, or too small for the requested run."""
+
+
+class ModelError(FedtuneError):
+    """A model cannot be found or loaded."""
