@@ -105,6 +105,7 @@ class EvalConfig(_Section):
     """Evaluation of the global adapter on the clients' held-out data."""
 
     every: PositiveInt = 2  # rounds; the first and last rounds are always evaluated
+    max_clients: PositiveInt | Literal["all"] = "all"  # a fixed, seeded subset of the population
     max_examples_per_client: PositiveInt = 8
     batch_size: PositiveInt = 8
 

@@ -1,0 +1,244 @@
+"""The simulation engine: many virtual clients, ONE base model in memory.
+
+Set up (model, adapter, data) -> rounds (sample, train each client, aggregate, evaluate) -> save
+(adapter, metrics, report). Clients keep no model state: the trainer swaps the global adapter into the
+shared model before each client and reads the delta out after, so memory does not grow with the number of
+clients beyond their data. The round's parts (trainer, aggregator, sampling) are the ones a deployed server
+and client use; only the transport, here a function call, differs.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from fedtune.adapter import FlatAdapter, attach_lora, save_adapter
+from fedtune.aggregate import make_aggregator
+from fedtune.client import ClientUpdate, LocalTrainer
+from fedtune.config import Config
+from fedtune.data import ClientData, load_clients
+from fedtune.evaluate import EvalResult, evaluate
+from fedtune.models import load_base_model, load_tokenizer, resolve_model_dir
+from fedtune.report import write_report
+from fedtune.rundir import RunDir
+from fedtune.sampling import clients_per_round, sample_clients
+from fedtune.seeding import derive_seed, numpy_rng, torch_generator
+
+FLOAT32_BYTES = 4
+
+
+class Observer(Protocol):
+    """Progress hooks; the CLI shows them with rich, tests pass `Silent()`."""
+
+    def start(self, rounds: int, total_steps: int) -> None: ...
+    def client_started(self, round_num: int, client_id: str) -> None: ...
+    def step(self, loss: float) -> None: ...
+    def evaluating(self, round_num: int) -> None: ...
+    def round_finished(self, row: dict[str, Any]) -> None: ...
+
+
+class Silent:
+    def start(self, rounds: int, total_steps: int) -> None: ...
+    def client_started(self, round_num: int, client_id: str) -> None: ...
+    def step(self, loss: float) -> None: ...
+    def evaluating(self, round_num: int) -> None: ...
+    def round_finished(self, row: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    rows: list[dict[str, Any]]
+    before: EvalResult
+    after: EvalResult
+    seconds: float
+    num_clients: int
+    adapter_numel: int
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Setup:
+    """Everything a run builds once, before round 1."""
+
+    model_dir: Path
+    model: torch.nn.Module
+    adapter: FlatAdapter
+    trainer: LocalTrainer
+    clients: list[ClientData]
+    eval_clients: list[ClientData]
+
+
+def setup(config: Config, notify: Callable[[str], None]) -> Setup:
+    """Load model, tokenizer and data, attach LoRA; refuses bad input before any training."""
+    seed = config.run.seed
+    model_dir = resolve_model_dir(config.model.name, notify)
+    tokenizer = load_tokenizer(model_dir)
+    clients = load_clients(
+        config.data, config.federation.num_clients, tokenizer, numpy_rng(seed, "data")
+    )
+    eval_clients = clients
+    if config.eval.max_clients != "all" and config.eval.max_clients < len(clients):
+        chosen = sample_clients(len(clients), config.eval.max_clients, numpy_rng(seed, "eval"))
+        eval_clients = [clients[i] for i in chosen]
+    model = attach_lora(load_base_model(model_dir), config.lora, torch_generator(seed, "lora"))
+    adapter = FlatAdapter(model)
+    trainer = LocalTrainer(model, adapter, config.train, tokenizer.pad_token_id)
+    return Setup(model_dir, model, adapter, trainer, clients, eval_clients)
+
+
+def _train_loss(updates: list[ClientUpdate]) -> float | None:
+    """Example-weighted mean of the clients' mean local losses."""
+    ok = [u for u in updates if u.ok]
+    if not ok:
+        return None
+    return sum(u.train_loss * u.num_examples for u in ok) / sum(u.num_examples for u in ok)
+
+
+def simulate(
+    config: Config,
+    observer: Observer | None = None,
+    notify: Callable[[str], None] = lambda _msg: None,
+) -> RunResult:
+    """Run one federated fine-tuning job in simulation and write its run directory."""
+    observer = observer or Silent()
+    started = time.perf_counter()
+    if config.run.threads is not None:
+        torch.set_num_threads(config.run.threads)
+    seed, fed = config.run.seed, config.federation
+    s = setup(config, notify)
+    run_dir = RunDir(config.run.resolved_dir)
+    run_dir.create(config)
+    aggregator = make_aggregator(config.server)
+    cohort = clients_per_round(fed, len(s.clients))
+    steps_per_client = fed.local_steps
+    if fed.local_epochs is not None:
+        mean_train = sum(len(c.train) for c in s.clients) / len(s.clients)
+        steps_per_client = fed.local_epochs * -(-int(mean_train) // config.train.batch_size)
+    observer.start(fed.rounds, fed.rounds * cohort * steps_per_client)
+
+    global_flat = s.adapter.get()
+    adapter_bytes = s.adapter.numel * FLOAT32_BYTES
+
+    def run_eval(round_num: int) -> tuple[EvalResult, float]:
+        observer.evaluating(round_num)
+        t = time.perf_counter()
+        s.adapter.load(global_flat)
+        return evaluate(s.model, s.eval_clients, config.eval, s.trainer.pad_id), (
+            time.perf_counter() - t
+        )
+
+    before, eval_seconds = run_eval(0)
+    rows = [
+        {
+            "round": 0,
+            "clients": 0,
+            "train_loss": None,
+            "eval_loss": before.loss,
+            "eval_perplexity": before.perplexity,
+            "bytes_up": 0,
+            "bytes_down": 0,
+            "seconds": eval_seconds,
+            "eval_seconds": eval_seconds,
+        }
+    ]
+    run_dir.append_metrics(rows[0])
+    observer.round_finished(rows[0])
+    after = before
+
+    for round_num in range(1, fed.rounds + 1):
+        t_round = time.perf_counter()
+        chosen = sample_clients(len(s.clients), cohort, numpy_rng(seed, "sample", round_num))
+        updates: list[ClientUpdate] = []
+        train_seconds = 0.0
+        for index in chosen.tolist():
+            client = s.clients[index]
+            observer.client_started(round_num, client.client_id)
+            t = time.perf_counter()
+            update = s.trainer.train(
+                global_flat,
+                client,
+                seed=derive_seed(seed, "train", round_num, index),
+                steps=None if fed.local_epochs is not None else fed.local_steps,
+                epochs=fed.local_epochs,
+                on_step=observer.step,
+            )
+            train_seconds += time.perf_counter() - t
+            updates.append(update)
+            if update.ok and update.delta is not None:
+                aggregator.add(update.delta, update.num_examples)
+        accepted = [u for u in updates if u.ok]
+        if accepted:
+            global_flat = aggregator.finish(global_flat)
+        row: dict[str, Any] = {
+            "round": round_num,
+            "clients": len(accepted),
+            "selected": len(updates),
+            "client_ids": [u.client_id for u in updates],
+            "failed_clients": [u.client_id for u in updates if not u.ok],
+            "failures": {u.client_id: u.error for u in updates if not u.ok},
+            "train_loss": _train_loss(updates),
+            "eval_loss": None,
+            "eval_perplexity": None,
+            "bytes_up": len(accepted) * adapter_bytes,
+            "bytes_down": len(updates) * adapter_bytes,
+            "train_seconds": train_seconds,
+        }
+        if round_num % config.eval.every == 0 or round_num == fed.rounds:
+            after, row["eval_seconds"] = run_eval(round_num)
+            row["eval_loss"], row["eval_perplexity"] = after.loss, after.perplexity
+        row["seconds"] = time.perf_counter() - t_round
+        rows.append(row)
+        run_dir.append_metrics(row)
+        observer.round_finished(row)
+
+    save_adapter(s.model, s.adapter, global_flat, run_dir.adapter_dir, s.model_dir)
+    client_eval = {
+        cid: {"before": loss, "after": after.per_client_loss[cid]}
+        for cid, loss in before.per_client_loss.items()
+    }
+    run_dir.write_client_eval(client_eval)
+    result = RunResult(
+        run_dir=run_dir.path,
+        rows=rows,
+        before=before,
+        after=after,
+        seconds=time.perf_counter() - started,
+        num_clients=len(s.clients),
+        adapter_numel=s.adapter.numel,
+    )
+    _write_report(config, run_dir, result, client_eval)
+    return result
+
+
+def _write_report(
+    config: Config, run_dir: RunDir, result: RunResult, client_eval: dict[str, dict[str, float]]
+) -> None:
+    fed = config.federation
+    summary = {
+        "model": config.model.name,
+        "data": f"{config.data.source} ({config.data.partition} split), {result.num_clients} clients",
+        "rounds": f"{fed.rounds} x {clients_per_round(fed, result.num_clients)} clients",
+        "local training": (
+            f"{fed.local_epochs} epochs" if fed.local_epochs else f"{fed.local_steps} steps"
+        )
+        + f", batch {config.train.batch_size}, lr {config.train.lr:g}",
+        "LoRA": f"rank {config.lora.rank}, alpha {config.lora.alpha:g}, "
+        f"{', '.join(config.lora.target_modules)} ({result.adapter_numel:,} parameters)",
+        "aggregation": f"{config.server.rule}, server {config.server.optimizer} lr "
+        f"{config.server.lr:g}",
+        "seed": str(config.run.seed),
+        "wall time": f"{result.seconds:.1f} s",
+    }
+    write_report(
+        run_dir.path,
+        result.rows,
+        client_eval,
+        title=f"fedtune run `{config.run.name}`",
+        summary=summary,
+    )

@@ -1,0 +1,93 @@
+"""Aggregation rules against hand-computed answers, and the aggregator's streaming path."""
+
+import pytest
+import torch
+
+from fedtune.aggregate import (
+    Aggregator,
+    ServerAdaptive,
+    ServerMomentum,
+    ServerSGD,
+    coordinate_median,
+    make_aggregator,
+    trimmed_mean,
+    weighted_mean,
+)
+from fedtune.config import ServerConfig
+
+DELTAS = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 60.0]])
+WEIGHTS = torch.tensor([1.0, 2.0, 1.0])
+
+
+def test_fedavg_equals_hand_computed_weighted_mean():
+    # (1*1 + 2*3 + 1*5) / 4 = 3 ; (1*2 + 2*4 + 1*60) / 4 = 17.5
+    assert torch.allclose(weighted_mean(DELTAS, WEIGHTS), torch.tensor([3.0, 17.5]))
+
+
+def test_streaming_aggregator_matches_stacked_rule():
+    gen = torch.Generator().manual_seed(0)
+    deltas = torch.randn(7, 1000, generator=gen)
+    weights = torch.randint(1, 50, (7,), generator=gen).float()
+    agg = Aggregator(rule=weighted_mean, server_opt=ServerSGD(lr=1.0))
+    assert agg.streaming
+    for d, w in zip(deltas, weights, strict=True):
+        agg.add(d, float(w))
+    assert torch.allclose(agg.aggregate(), weighted_mean(deltas, weights), atol=1e-6)
+
+
+def test_median_and_trimmed_mean_known_answers():
+    assert torch.equal(coordinate_median(DELTAS, WEIGHTS), torch.tensor([3.0, 4.0]))
+    even = torch.tensor([[1.0], [2.0], [10.0], [20.0]])
+    assert torch.equal(coordinate_median(even, torch.ones(4)), torch.tensor([6.0]))
+    five = torch.tensor([[-100.0], [1.0], [2.0], [3.0], [100.0]])
+    assert torch.equal(trimmed_mean(five, torch.ones(5), 0.2), torch.tensor([2.0]))
+    assert torch.equal(trimmed_mean(five, torch.ones(5), 0.0), torch.tensor([1.2]))
+
+
+def test_robust_rule_resists_one_outlier_where_fedavg_does_not():
+    honest = torch.zeros(9, 4)
+    attack = torch.full((1, 4), 1e6)
+    deltas = torch.cat([honest, attack])
+    weights = torch.ones(10)
+    assert weighted_mean(deltas, weights).abs().max() > 1e4
+    assert coordinate_median(deltas, weights).abs().max() == 0
+    assert trimmed_mean(deltas, weights, 0.1).abs().max() == 0
+
+
+def test_aggregator_applies_server_lr_and_resets():
+    agg = make_aggregator(ServerConfig(lr=0.5))
+    agg.add(torch.tensor([2.0, 4.0]), 1)
+    agg.add(torch.tensor([4.0, 8.0]), 3)
+    new = agg.finish(torch.tensor([1.0, 1.0]))
+    assert torch.allclose(new, torch.tensor([1.0 + 0.5 * 3.5, 1.0 + 0.5 * 7.0]))
+    assert agg.count == 0
+    with pytest.raises(ValueError, match="no client update"):
+        agg.finish(new)
+
+
+def test_aggregator_rejects_nonpositive_weight():
+    agg = make_aggregator(ServerConfig())
+    with pytest.raises(ValueError, match="positive"):
+        agg.add(torch.ones(2), 0)
+
+
+def test_server_momentum_accumulates():
+    opt = ServerMomentum(lr=1.0, momentum=0.5)
+    x = opt.step(torch.zeros(1), torch.ones(1))  # v = 1
+    x = opt.step(x, torch.ones(1))  # v = 1.5
+    assert torch.allclose(x, torch.tensor([2.5]))
+
+
+def test_fedadam_first_step_known_answer():
+    opt = ServerAdaptive(lr=0.1, beta1=0.9, beta2=0.99, eps=1e-3)
+    delta = torch.tensor([2.0, -1.0])
+    x = opt.step(torch.zeros(2), delta)
+    m = 0.1 * delta
+    v = 0.01 * delta**2
+    assert torch.allclose(x, 0.1 * m / (v.sqrt() + 1e-3))
+
+
+def test_fedyogi_second_moment_moves_toward_square():
+    opt = ServerAdaptive(lr=0.1, yogi=True)
+    opt.step(torch.zeros(1), torch.tensor([2.0]))
+    assert opt.v is not None and 0 < float(opt.v) < 4.0
