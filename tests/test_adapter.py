@@ -71,6 +71,4 @@ def test_saved_adapter_loads_with_plain_peft(lora_model, tiny_dir, tmp_path):
 
 def test_unknown_target_module_is_a_config_error(tiny_dir):
     with pytest.raises(ConfigError, match=r"lora.target_modules.*linear modules in this model: .*q_proj"):
-        attach_lora(
-            load_base_model(tiny_dir), LoraSettings(target_modules=["qkv"]), torch.Generator()
-        )
+        attach_lora(load_base_model(tiny_dir), LoraSettings(target_modules=["qkv"]), torch.Generator())

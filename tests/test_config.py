@@ -33,7 +33,10 @@ def test_file_plus_overrides(tmp_path):
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
-        (["federation.rounds=0"], "federation.rounds = 0: input should be greater than or equal to 1"),
+        (
+            ["federation.rounds=0"],
+            "federation.rounds = 0: input should be greater than or equal to 1",
+        ),
         (["lora.rank=-4"], "lora.rank = -4"),
         (["federation.roundz=3"], "federation.roundz: unknown key; allowed here: rounds"),
         (["nosuch.key=1"], "nosuch: unknown key; allowed here: run, model"),

@@ -49,15 +49,10 @@ class FlatAdapter:
     def state_dict(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """Named tensors of `flat`, keyed like `model.named_parameters()`."""
         pieces = torch.split(flat, [math.prod(s) for s in self.shapes])
-        return {
-            n: t.reshape(s).contiguous()
-            for n, t, s in zip(self.names, pieces, self.shapes, strict=True)
-        }
+        return {n: t.reshape(s).contiguous() for n, t, s in zip(self.names, pieces, self.shapes, strict=True)}
 
 
-def attach_lora(
-    base: torch.nn.Module, settings: LoraSettings, generator: torch.Generator
-) -> PeftModel:
+def attach_lora(base: torch.nn.Module, settings: LoraSettings, generator: torch.Generator) -> PeftModel:
     """Wrap `base` with LoRA; A matrices are initialised from `generator` (B is zero, as in PEFT)."""
     config = LoraConfig(
         r=settings.rank,
@@ -88,5 +83,6 @@ def save_adapter(
     """Write `flat` with PEFT's own `save_pretrained`, naming `base_dir` as the base model."""
     adapter.load(flat)
     model.peft_config["default"].base_model_name_or_path = str(base_dir.resolve())
-    model.save_pretrained(str(out_dir))
+    # base weights are frozen, so the adapter file never needs a copy of the (tied) embeddings
+    model.save_pretrained(str(out_dir), save_embedding_layers=False)
     return out_dir

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -20,9 +21,7 @@ SetOption = Annotated[
     list[str] | None,
     typer.Option("--set", help="Override a config key: --set federation.rounds=3 (repeatable)."),
 ]
-ConfigArg = Annotated[
-    Path | None, typer.Argument(help="A TOML config file; defaults are used without one.")
-]
+ConfigArg = Annotated[Path | None, typer.Argument(help="A TOML config file; defaults are used without one.")]
 
 
 def _quiet_libraries() -> None:
@@ -32,6 +31,8 @@ def _quiet_libraries() -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    # peft still calls a transformers API that warns of its own deprecation on every LoRA attach
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 @app.command()
@@ -56,9 +57,9 @@ def run(config: ConfigArg = None, set_: SetOption = None) -> None:
 @app.command()
 def generate(
     prompt: Annotated[str, typer.Argument(help="Text to continue.")],
-    adapter: Annotated[
-        Path, typer.Option(help="An adapter directory, e.g. runs/default/adapter.")
-    ] = Path("runs/default/adapter"),
+    adapter: Annotated[Path, typer.Option(help="An adapter directory, e.g. runs/default/adapter.")] = Path(
+        "runs/default/adapter"
+    ),
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 60,
     temperature: Annotated[float, typer.Option(min=0.0, help="0 for greedy decoding.")] = 0.8,
     seed: int = 0,

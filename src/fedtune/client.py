@@ -66,9 +66,7 @@ def batch_schedule(
 class LocalTrainer:
     """Runs local steps on the shared PEFT model for one client at a time."""
 
-    def __init__(
-        self, model: torch.nn.Module, adapter: FlatAdapter, cfg: TrainConfig, pad_id: int
-    ) -> None:
+    def __init__(self, model: torch.nn.Module, adapter: FlatAdapter, cfg: TrainConfig, pad_id: int) -> None:
         self.model = model
         self.adapter = adapter
         self.cfg = cfg
@@ -90,9 +88,7 @@ class LocalTrainer:
             len(client.train), self.cfg.batch_size, generator, steps=steps, epochs=epochs
         )
         self.adapter.load(global_flat)
-        optimizer = torch.optim.AdamW(
-            self.adapter.params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay
-        )
+        optimizer = torch.optim.AdamW(self.adapter.params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
         self.model.train()
         losses = torch.empty(len(schedule))
         with torch.random.fork_rng(devices=[]):
@@ -121,9 +117,7 @@ class LocalTrainer:
             train_loss=float(losses.mean()),
         )
 
-    def _refused(
-        self, client: ClientData, steps: int, losses: torch.Tensor, reason: str
-    ) -> ClientUpdate:
+    def _refused(self, client: ClientData, steps: int, losses: torch.Tensor, reason: str) -> ClientUpdate:
         self.model.eval()
         return ClientUpdate(
             client_id=client.client_id,

@@ -131,6 +131,12 @@ class Config(_Section):
                 f"federation.num_clients = {fed.num_clients}; lower it or raise num_clients"
             )
         is_file = data.source not in BUILTIN_SOURCES
+        for key in ("client_field", "label_field"):
+            if not is_file and getattr(data, key) is not None:
+                raise ValueError(
+                    f"data.{key} = {getattr(data, key)!r} applies to files only; the built-in "
+                    f"source {data.source!r} has its own clients (dirichlet over it skews quantity)"
+                )
         if data.partition == "natural" and is_file and data.client_field is None:
             raise ValueError(
                 f"data.partition = 'natural' needs data.client_field for file {data.source!r}; "
@@ -162,9 +168,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         key, sep, value = item.partition("=")
         parts = key.strip().split(".")
         if not sep or len(parts) != 2 or not all(parts):
-            raise ConfigError(
-                f"--set {item!r}: expected section.key=value, for example federation.rounds=3"
-            )
+            raise ConfigError(f"--set {item!r}: expected section.key=value, for example federation.rounds=3")
         section, field = parts
         target = out.setdefault(section, {})
         if not isinstance(target, dict):

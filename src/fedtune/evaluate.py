@@ -24,9 +24,7 @@ class EvalResult:
 
 
 @torch.inference_mode()
-def evaluate(
-    model: torch.nn.Module, clients: list[ClientData], cfg: EvalConfig, pad_id: int
-) -> EvalResult:
+def evaluate(model: torch.nn.Module, clients: list[ClientData], cfg: EvalConfig, pad_id: int) -> EvalResult:
     """Next-token loss of `model` (its adapter as loaded) on each client's first eval examples."""
     model.eval()
     per_client: dict[str, float] = {}

@@ -170,9 +170,7 @@ def load_tokenizer(model_dir: Path):
 def load_base_model(model_dir: Path) -> torch.nn.Module:
     """The frozen float32 base model, in eval mode."""
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            model_dir, local_files_only=True, dtype=torch.float32
-        )
+        model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32)
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load a causal LM from {str(model_dir)!r}: {exc}") from None
     model.requires_grad_(False)

@@ -79,9 +79,7 @@ def setup(config: Config, notify: Callable[[str], None]) -> Setup:
     seed = config.run.seed
     model_dir = resolve_model_dir(config.model.name, notify)
     tokenizer = load_tokenizer(model_dir)
-    clients = load_clients(
-        config.data, config.federation.num_clients, tokenizer, numpy_rng(seed, "data")
-    )
+    clients = load_clients(config.data, config.federation.num_clients, tokenizer, numpy_rng(seed, "data"))
     eval_clients = clients
     if config.eval.max_clients != "all" and config.eval.max_clients < len(clients):
         chosen = sample_clients(len(clients), config.eval.max_clients, numpy_rng(seed, "eval"))
@@ -129,9 +127,7 @@ def simulate(
         observer.evaluating(round_num)
         t = time.perf_counter()
         s.adapter.load(global_flat)
-        return evaluate(s.model, s.eval_clients, config.eval, s.trainer.pad_id), (
-            time.perf_counter() - t
-        )
+        return evaluate(s.model, s.eval_clients, config.eval, s.trainer.pad_id), (time.perf_counter() - t)
 
     before, eval_seconds = run_eval(0)
     rows = [
@@ -224,14 +220,11 @@ def _write_report(
         "model": config.model.name,
         "data": f"{config.data.source} ({config.data.partition} split), {result.num_clients} clients",
         "rounds": f"{fed.rounds} x {clients_per_round(fed, result.num_clients)} clients",
-        "local training": (
-            f"{fed.local_epochs} epochs" if fed.local_epochs else f"{fed.local_steps} steps"
-        )
+        "local training": (f"{fed.local_epochs} epochs" if fed.local_epochs else f"{fed.local_steps} steps")
         + f", batch {config.train.batch_size}, lr {config.train.lr:g}",
         "LoRA": f"rank {config.lora.rank}, alpha {config.lora.alpha:g}, "
         f"{', '.join(config.lora.target_modules)} ({result.adapter_numel:,} parameters)",
-        "aggregation": f"{config.server.rule}, server {config.server.optimizer} lr "
-        f"{config.server.lr:g}",
+        "aggregation": f"{config.server.rule}, server {config.server.optimizer} lr {config.server.lr:g}",
         "seed": str(config.run.seed),
         "wall time": f"{result.seconds:.1f} s",
     }

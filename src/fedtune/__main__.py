@@ -1,0 +1,6 @@
+"""`python -m fedtune` runs the CLI."""
+
+from fedtune.cli import main
+
+if __name__ == "__main__":
+    main()
