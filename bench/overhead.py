@@ -136,7 +136,7 @@ def rss_child(model: str, num_clients: int) -> None:
         [
             f"model.name={model}",
             "data.source=chat",
-            "data.min_examples=4",
+            "data.min_examples=2",
             "data.max_seq_len=32",
             f"federation.num_clients={num_clients}",
             f"federation.clients_per_round={num_clients}",

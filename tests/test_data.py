@@ -69,9 +69,7 @@ def test_shakespeare_drops_stage_directions(shakespeare: dict[str, list[str]]) -
         assert all(line and line == line.rstrip() for line in text.split("\n"))
         assert not any(line.startswith(("_", "*", "#")) for line in text.split("\n"))
     # A speech goes on after a stage direction inside it (Macbeth I.2).
-    assert any(
-        t.endswith("Go get him surgeons.\nWho comes here?") for t in shakespeare["macbeth/DUNCAN"]
-    )
+    assert any(t.endswith("Go get him surgeons.\nWho comes here?") for t in shakespeare["macbeth/DUNCAN"])
 
 
 def test_parse_play_handles_markdown_variants() -> None:
@@ -137,8 +135,7 @@ def _write(tmp_path: Path, suffix: str, rows: dict[str, list] = ROWS) -> Path:
         pa_csv.write_csv(table, path)
     else:
         lines = [
-            json.dumps(dict(zip(rows, values, strict=True)))
-            for values in zip(*rows.values(), strict=True)
+            json.dumps(dict(zip(rows, values, strict=True))) for values in zip(*rows.values(), strict=True)
         ]
         path.write_text("\n".join(lines) + "\n")
     return path
@@ -211,9 +208,7 @@ def _assert_covers(parts: list[np.ndarray], n_items: int) -> None:
 
 
 @pytest.mark.parametrize(("n_items", "num_clients"), [(100, 7), (5, 8), (64, 16), (1, 1)])
-def test_iid_partition_covers_every_index_once_with_equal_sizes(
-    n_items: int, num_clients: int
-) -> None:
+def test_iid_partition_covers_every_index_once_with_equal_sizes(n_items: int, num_clients: int) -> None:
     parts = iid_partition(n_items, num_clients, np.random.default_rng(1))
     assert len(parts) == num_clients
     _assert_covers(parts, n_items)
@@ -391,6 +386,4 @@ def test_data_package_uses_no_global_randomness() -> None:
                 and isinstance(node.value.value, ast.Name)
                 and node.value.value.id in ("np", "numpy")
             ):
-                assert node.attr in ALLOWED_NP_RANDOM, (
-                    f"{path}:{node.lineno}: np.random.{node.attr}"
-                )
+                assert node.attr in ALLOWED_NP_RANDOM, f"{path}:{node.lineno}: np.random.{node.attr}"

@@ -112,8 +112,7 @@ def test_many_clients_table_keeps_ten_best_and_ten_worst(tmp_path: Path) -> None
 
 def test_many_clients_plot_is_a_scatter(tmp_path: Path) -> None:
     clients = {
-        f"client-{i:04d}": {"before": 3.0 + i % 7 / 10, "after": 2.5 + i % 11 / 10}
-        for i in range(1000)
+        f"client-{i:04d}": {"before": 3.0 + i % 7 / 10, "after": 2.5 + i % 11 / 10} for i in range(1000)
     }
     clients["client-0001"] = {"before": 3.0, "after": None}  # a client whose eval failed
     text = _write(tmp_path, clients=clients)
@@ -143,6 +142,9 @@ def test_small_formatters() -> None:
     assert _tick_labels(["a", "b"]) == ["a", "b"]
     assert _tick_labels(["shakespeare_ROMEO", "shakespeare_JULIET"]) == ["…ROMEO", "…JULIET"]
     assert _tick_labels(["a-very-long-client-id", "b"]) == ["a-very-long…", "b"]
+    assert _tick_labels(["macbeth/MACBETH", "king-lear/EDGAR"]) == ["MACBETH", "EDGAR"]
+    # same character name in two plays: fall back to the (cut) full ids, which stay distinct
+    assert _tick_labels(["macbeth/MESSENGER", "king-lear/MESSENGER"]) == ["macbeth/MES…", "king-lear/M…"]
 
 
 def test_import_configures_no_pyplot() -> None:

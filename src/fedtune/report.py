@@ -56,16 +56,21 @@ def _table(header: list[str], body: list[list[str]]) -> list[str]:
 
 
 def _tick_labels(client_ids: list[str], limit: int = MAX_LABEL_CHARS) -> list[str]:
-    """Short tick labels: drop the prefix all ids share (up to a separator), then cut long ends."""
+    """Short tick labels: the most specific part of each id (after its last '/') when those stay
+    distinct, else the ids less the prefix they all share; long labels are cut with an ellipsis."""
     if all(len(cid) <= limit for cid in client_ids):
         return client_ids
-    lo, hi = min(client_ids), max(client_ids)  # the shared prefix of all ids is theirs
-    pairs = zip(lo, hi, strict=False)
-    shared = next((i for i, (a, b) in enumerate(pairs) if a != b), min(len(lo), len(hi)))
-    cut = max((i + 1 for i, ch in enumerate(lo[:shared]) if not ch.isalnum()), default=0)
-    if any(len(cid) == cut for cid in client_ids):
-        cut = 0
-    labels = [("…" if cut else "") + cid[cut:] for cid in client_ids]
+    tails = [cid.rsplit("/", 1)[-1] for cid in client_ids]
+    if all("/" in cid for cid in client_ids) and len(set(tails)) == len(tails) and all(tails):
+        labels = tails
+    else:
+        lo, hi = min(client_ids), max(client_ids)  # the shared prefix of all ids is theirs
+        pairs = zip(lo, hi, strict=False)
+        shared = next((i for i, (a, b) in enumerate(pairs) if a != b), min(len(lo), len(hi)))
+        cut = max((i + 1 for i, ch in enumerate(lo[:shared]) if not ch.isalnum()), default=0)
+        if any(len(cid) == cut for cid in client_ids):
+            cut = 0
+        labels = [("…" if cut else "") + cid[cut:] for cid in client_ids]
     return [label if len(label) <= limit else label[: limit - 1] + "…" for label in labels]
 
 

@@ -60,9 +60,7 @@ def _partition(
     if cfg.partition == "iid":
         parts = iid_partition(n_items, num_clients, rng)
     else:
-        parts = dirichlet_partition(
-            records.labels, num_clients, cfg.dirichlet_alpha, rng, n_items=n_items
-        )
+        parts = dirichlet_partition(records.labels, num_clients, cfg.dirichlet_alpha, rng, n_items=n_items)
     width = len(str(num_clients - 1))
     named = {f"client-{i:0{width}d}": indices for i, indices in enumerate(parts)}
     check_partition_sizes(named, cfg.min_examples, cfg.partition)
@@ -78,9 +76,7 @@ def load_clients(
     """The federation's clients with tokenized train and eval examples, sorted by client id."""
     records = read_records(cfg)
     parts = _partition(records, cfg, num_clients, rng)
-    chosen = {
-        cid: cap_and_shuffle(parts[cid], cfg.max_examples_per_client, rng) for cid in sorted(parts)
-    }
+    chosen = {cid: cap_and_shuffle(parts[cid], cfg.max_examples_per_client, rng) for cid in sorted(parts)}
     texts = [records.texts[i] for indices in chosen.values() for i in indices.tolist()]
     token_ids = tokenize(texts, tokenizer, cfg.max_seq_len)
 

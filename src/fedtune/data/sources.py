@@ -113,9 +113,7 @@ def read_file(
             f"{', '.join(FILE_SUFFIXES)} or data.source = {' or '.join(map(repr, BUILTIN_SOURCES))}"
         )
     if not path.is_file():
-        raise DataError(
-            f"{where} not found; set data.source to an existing file or built-in source"
-        )
+        raise DataError(f"{where} not found; set data.source to an existing file or built-in source")
     named = {"text_field": text_field, "client_field": client_field, "label_field": label_field}
     try:
         table, fields = _read_table(path, [name for name in named.values() if name is not None])

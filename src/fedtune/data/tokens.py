@@ -14,9 +14,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 
-def tokenize(
-    texts: list[str], tokenizer: PreTrainedTokenizerBase, max_seq_len: int
-) -> list[list[int]]:
+def tokenize(texts: list[str], tokenizer: PreTrainedTokenizerBase, max_seq_len: int) -> list[list[int]]:
     """Token ids of every text, eos appended, at most `max_seq_len` long; one list per text."""
     eos = tokenizer.eos_token_id
     if eos is None:
