@@ -129,7 +129,7 @@ def overhead(model: str, clients: int, steps: int, repeats: int) -> dict:
 
 def rss_child(model: str, num_clients: int) -> None:
     """Runs in a fresh process: one round in which every client takes one step; prints JSON."""
-    from fedtune.simulation import simulate
+    from fedtune.simulation import Silent, simulate
 
     config = load_config(
         None,
@@ -148,12 +148,23 @@ def rss_child(model: str, num_clients: int) -> None:
             f"run.dir=bench/out/rss-{num_clients}",
         ],
     )
-    result = simulate(config)
+
+    class TrainingRss(Silent):
+        """The largest current RSS seen at any local step, i.e. after setup's transient peak."""
+
+        peak = 0.0
+
+        def step(self, loss: float) -> None:
+            self.peak = max(self.peak, current_rss_mib())
+
+    observer = TrainingRss()
+    result = simulate(config, observer)
     print(
         json.dumps(
             {
                 "clients": num_clients,
                 "peak_rss_mib": peak_rss_mib(),
+                "peak_training_rss_mib": observer.peak,
                 "final_rss_mib": current_rss_mib(),
                 "adapter_bytes": result.adapter_numel * 4,
                 "seconds": result.seconds,
@@ -173,7 +184,8 @@ def rss(model: str, sizes: list[int]) -> list[dict]:
         )
         row = json.loads(proc.stdout.strip().splitlines()[-1])
         print(
-            f"  {n:>5} clients: peak RSS {row['peak_rss_mib']:.0f} MiB ({row['seconds']:.0f}s)",
+            f"  {n:>5} clients: peak RSS {row['peak_rss_mib']:.0f} MiB, during training "
+            f"{row['peak_training_rss_mib']:.0f} MiB ({row['seconds']:.0f}s)",
             flush=True,
         )
         out.append(row)
@@ -194,6 +206,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="10,100,1000")
     parser.add_argument("--rss-child", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--skip-rss", action="store_true")
+    parser.add_argument("--skip-overhead", action="store_true")
     args = parser.parse_args()
     from transformers.utils import logging as hf_logging
 
@@ -206,17 +219,19 @@ def main() -> None:
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads"
     )
-    report = {"overhead": overhead(args.model, args.clients, args.steps, args.repeats)}
-    o = report["overhead"]
-    print(
-        f"overhead ratio fedtune/plain PEFT: {o['ratio']:.3f} (target <= 1.05); "
-        f"swap+delta+aggregate {o['swap_delta_aggregate_seconds_per_client'] * 1e3:.2f} ms/client, "
-        f"step {o['step_seconds']:.2f}s"
-    )
+    report: dict = {}
+    if not args.skip_overhead:
+        report["overhead"] = o = overhead(args.model, args.clients, args.steps, args.repeats)
+        print(
+            f"overhead ratio fedtune/plain PEFT: {o['ratio']:.3f} (target <= 1.05); "
+            f"swap+delta+aggregate {o['swap_delta_aggregate_seconds_per_client'] * 1e3:.2f} ms/client, "
+            f"step {o['step_seconds']:.2f}s"
+        )
     if not args.skip_rss:
         report["rss"] = rss(args.model, [int(x) for x in args.sizes.split(",")])
     os.makedirs("bench/out", exist_ok=True)
-    with open(f"bench/out/overhead-{args.model}.json", "w") as f:
+    parts = "-".join(k for k in ("overhead", "rss") if k in report)
+    with open(f"bench/out/{parts}-{args.model}.json", "w") as f:
         json.dump(report, f, indent=1)
     print(json.dumps(report, indent=1))
 

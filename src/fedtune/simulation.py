@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -165,9 +165,9 @@ def simulate(
                 on_step=observer.step,
             )
             train_seconds += time.perf_counter() - t
-            updates.append(update)
             if update.ok and update.delta is not None:
                 aggregator.add(update.delta, update.num_examples)
+            updates.append(replace(update, delta=None))  # keep the summary, not O(clients x adapter)
         accepted = [u for u in updates if u.ok]
         if accepted:
             global_flat = aggregator.finish(global_flat)
