@@ -101,6 +101,17 @@ class ServerConfig(_Section):
     eps: float = Field(1e-3, gt=0.0)  # adaptivity tau of FedAdam/FedYogi (Reddi et al. 2021)
 
 
+class SecureAggregationConfig(_Section):
+    """SecAgg+ (Bell et al. 2020): the server learns only the sum of the round's masked updates."""
+
+    enabled: bool = False
+    neighbours: PositiveInt | Literal["auto", "all"] = "auto"  # auto: 2*ceil(log2 n); all: SecAgg
+    threshold: PositiveInt | Literal["auto"] = "auto"  # auto: a strict majority of each k + 1 holders
+    bits: int = Field(16, ge=1, le=31)  # fixed-point bits per value, before weighting
+    clip_range: float = Field(0.1, gt=0.0)  # each delta coordinate is clipped to [-c, c]
+    dropout_rate: float = Field(0.0, ge=0.0, lt=1.0)  # simulation: chance a client drops at each stage
+
+
 class EvalConfig(_Section):
     """Evaluation of the global adapter on the clients' held-out data."""
 
@@ -120,6 +131,7 @@ class Config(_Section):
     federation: FederationConfig = FederationConfig()
     train: TrainConfig = TrainConfig()
     server: ServerConfig = ServerConfig()
+    secure_aggregation: SecureAggregationConfig = SecureAggregationConfig()
     eval: EvalConfig = EvalConfig()
 
     @model_validator(mode="after")
@@ -142,6 +154,11 @@ class Config(_Section):
                 f"data.partition = 'natural' needs data.client_field for file {data.source!r}; "
                 "name the client column or use partition = 'iid' or 'dirichlet'"
             )
+        if self.secure_aggregation.enabled:
+            try:
+                check_secure_aggregation(self)
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
         if data.partition != "natural" and fed.num_clients == "all":
             raise ValueError(
                 f"data.partition = {data.partition!r} needs a number of clients; "
@@ -151,6 +168,55 @@ class Config(_Section):
 
 
 BUILTIN_SOURCES = ("shakespeare", "chat")
+
+
+def secagg_cohort_bound(config: Config, population: int | None = None) -> int | None:
+    """The largest number of clients in a secure round, when it is known (or `population` is given)."""
+    fed = config.federation
+    size = population if population is not None else fed.num_clients
+    if fed.fraction_per_round is not None:
+        return None if size == "all" else max(1, round(fed.fraction_per_round * size))
+    return fed.clients_per_round if size == "all" else min(fed.clients_per_round, size)
+
+
+def check_secure_aggregation(
+    config: Config, population: int | None = None, max_weight: int | None = None
+) -> None:
+    """Refuse what secure aggregation cannot do, with the reason (at load, and again with real sizes)."""
+    from fedtune.secagg.encoding import check_overflow
+    from fedtune.secagg.graph import default_neighbours, effective_neighbours
+
+    sa, rule = config.secure_aggregation, config.server.rule
+    if rule != "fedavg":
+        raise ConfigError(
+            f"server.rule = {rule!r} needs every client's update, but secure aggregation reveals only "
+            "their sum; use server.rule = 'fedavg' or set secure_aggregation.enabled = false"
+        )
+    cohort = secagg_cohort_bound(config, population)
+    if cohort is None:
+        return
+    if cohort < 2:
+        raise ConfigError(
+            f"secure aggregation needs at least 2 clients per round, and this config has {cohort}; "
+            "raise federation.clients_per_round"
+        )
+    k = (
+        cohort - 1
+        if sa.neighbours == "all"
+        else effective_neighbours(
+            default_neighbours(cohort) if sa.neighbours == "auto" else sa.neighbours, cohort
+        )
+    )
+    if sa.threshold != "auto" and not 2 <= sa.threshold <= k + 1:
+        raise ConfigError(
+            f"secure_aggregation.threshold = {sa.threshold}: allowed 2 to {k + 1} "
+            f"(each client's secret has k + 1 = {k + 1} holders with {cohort} clients per round)"
+        )
+    weight = max_weight
+    if weight is None and config.data.max_examples_per_client != "all":
+        weight = config.data.max_examples_per_client
+    if weight is not None:
+        check_overflow(cohort, weight, sa.bits, sa.clip_range)
 
 
 def _parse_value(text: str) -> Any:

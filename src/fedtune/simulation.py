@@ -15,18 +15,21 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 
 from fedtune.adapter import FlatAdapter, attach_lora, save_adapter
 from fedtune.aggregate import make_aggregator
 from fedtune.client import ClientUpdate, LocalTrainer
-from fedtune.config import Config
+from fedtune.config import Config, check_secure_aggregation
 from fedtune.data import ClientData, load_clients
 from fedtune.evaluate import EvalResult, evaluate
 from fedtune.models import load_base_model, load_tokenizer, resolve_model_dir
 from fedtune.report import write_report
 from fedtune.rundir import RunDir
 from fedtune.sampling import clients_per_round, sample_clients
+from fedtune.secagg import SecAggAbort, SecAggRound
+from fedtune.secagg.messages import Stage
 from fedtune.seeding import derive_seed, numpy_rng, torch_generator
 
 FLOAT32_BYTES = 4
@@ -73,6 +76,11 @@ class Setup:
     clients: list[ClientData]
     eval_clients: list[ClientData]
 
+    @property
+    def max_train_examples(self) -> int:
+        """The largest client weight: public, it bounds the secure aggregation encoding."""
+        return max(len(c.train) for c in self.clients)
+
 
 def setup(config: Config, notify: Callable[[str], None]) -> Setup:
     """Load model, tokenizer and data, attach LoRA; refuses bad input before any training."""
@@ -87,7 +95,10 @@ def setup(config: Config, notify: Callable[[str], None]) -> Setup:
     model = attach_lora(load_base_model(model_dir), config.lora, torch_generator(seed, "lora"))
     adapter = FlatAdapter(model)
     trainer = LocalTrainer(model, adapter, config.train, tokenizer.pad_token_id)
-    return Setup(model_dir, model, adapter, trainer, clients, eval_clients)
+    built = Setup(model_dir, model, adapter, trainer, clients, eval_clients)
+    if config.secure_aggregation.enabled:  # again, now that the cohort and the weights are known
+        check_secure_aggregation(config, len(clients), built.max_train_examples)
+    return built
 
 
 def _train_loss(updates: list[ClientUpdate]) -> float | None:
@@ -152,7 +163,16 @@ def simulate(
         chosen = sample_clients(len(s.clients), cohort, numpy_rng(seed, "sample", round_num))
         updates: list[ClientUpdate] = []
         train_seconds = 0.0
-        for index in chosen.tolist():
+        secure, secure_row, may_submit = None, {}, range(len(chosen))
+        if config.secure_aggregation.enabled:
+            secure = _secure_round(config, s, len(chosen), round_num)
+            try:
+                may_submit = secure.share_keys()  # stages 0-1, before anyone trains
+            except SecAggAbort as exc:
+                secure, may_submit, secure_row = None, (), {"secagg_abort": str(exc)}
+        for slot, index in enumerate(chosen.tolist()):
+            if slot not in may_submit:
+                continue  # dropped out while keys were exchanged: it never trains
             client = s.clients[index]
             observer.client_started(round_num, client.client_id)
             t = time.perf_counter()
@@ -166,14 +186,28 @@ def simulate(
             )
             train_seconds += time.perf_counter() - t
             if update.ok and update.delta is not None:
-                aggregator.add(update.delta, update.num_examples)
+                if secure is not None:
+                    secure.submit(slot, update.delta.numpy(), update.num_examples)
+                else:
+                    aggregator.add(update.delta, update.num_examples)
             updates.append(replace(update, delta=None))  # keep the summary, not O(clients x adapter)
         accepted = [u for u in updates if u.ok]
-        if accepted:
+        bytes_up, bytes_down = len(accepted) * adapter_bytes, len(updates) * adapter_bytes
+        if secure is not None:
+            try:
+                result = secure.finish()
+            except SecAggAbort as exc:
+                secure_row = {"secagg_abort": str(exc)}
+            else:
+                mean = torch.from_numpy(result.weighted_mean)
+                global_flat = aggregator.server_opt.step(global_flat, mean)
+                secure_row = {"clients": len(result.included), **result.metrics()}
+                bytes_up, bytes_down = sum(result.bytes_up), bytes_down + sum(result.bytes_down)
+        elif accepted:
             global_flat = aggregator.finish(global_flat)
         row: dict[str, Any] = {
             "round": round_num,
-            "clients": len(accepted),
+            "clients": 0 if "secagg_abort" in secure_row else len(accepted),
             "selected": len(updates),
             "client_ids": [u.client_id for u in updates],
             "failed_clients": [u.client_id for u in updates if not u.ok],
@@ -181,9 +215,10 @@ def simulate(
             "train_loss": _train_loss(updates),
             "eval_loss": None,
             "eval_perplexity": None,
-            "bytes_up": len(accepted) * adapter_bytes,
-            "bytes_down": len(updates) * adapter_bytes,
+            "bytes_up": bytes_up,
+            "bytes_down": bytes_down,
             "train_seconds": train_seconds,
+            **secure_row,
         }
         if round_num % config.eval.every == 0 or round_num == fed.rounds:
             after, row["eval_seconds"] = run_eval(round_num)
@@ -210,6 +245,32 @@ def simulate(
     )
     _write_report(config, run_dir, result, client_eval)
     return result
+
+
+def _secure_round(config: Config, s: Setup, num_clients: int, round_num: int) -> SecAggRound:
+    """A seeded SecAgg+ round over the cohort, with simulated dropouts drawn per client and stage."""
+    sa, seed = config.secure_aggregation, config.run.seed
+    drops = numpy_rng(seed, "secagg-dropout", round_num).random((num_clients, len(Stage))) < sa.dropout_rate
+    first = np.where(drops.any(axis=1), drops.argmax(axis=1), -1)
+    dropouts = {stage: set(np.flatnonzero(first == stage).tolist()) for stage in Stage}
+    return SecAggRound(
+        num_clients,
+        s.adapter.numel,
+        bits=sa.bits,
+        clip_range=sa.clip_range,
+        max_weight=s.max_train_examples,
+        rounding_rng=numpy_rng(seed, "secagg-rounding", round_num),
+        threshold=None if sa.threshold == "auto" else sa.threshold,
+        neighbours=num_clients - 1
+        if sa.neighbours == "all"
+        else None
+        if sa.neighbours == "auto"
+        else sa.neighbours,
+        dropouts=dropouts,
+        round_id=round_num,
+        # only to make a simulation repeatable; a deployment draws the graph from the OS
+        graph_seed=derive_seed(seed, "secagg-graph", round_num).to_bytes(32, "big"),
+    )
 
 
 def _write_report(

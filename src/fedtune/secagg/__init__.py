@@ -14,7 +14,7 @@ from fedtune.secagg.errors import ProtocolViolation, SecAggAbort, SecAggError
 from fedtune.secagg.graph import default_neighbours, effective_neighbours, neighbour_graph
 from fedtune.secagg.messages import Stage
 from fedtune.secagg.params import SecAggParams, default_threshold
-from fedtune.secagg.round import SecAggResult, run_secagg_round
+from fedtune.secagg.round import SecAggResult, SecAggRound, run_secagg_round
 from fedtune.secagg.server import SecAggServer, UnmaskedSum
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "SecAggError",
     "SecAggParams",
     "SecAggResult",
+    "SecAggRound",
     "SecAggServer",
     "Stage",
     "UnmaskedSum",

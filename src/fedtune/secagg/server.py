@@ -60,7 +60,9 @@ class UnmaskedSum:
 class SecAggServer:
     """The server's state for one round over `client_ids`."""
 
-    def __init__(self, params: SecAggParams, client_ids: Iterable[int], *, graph_seed: bytes | None = None):
+    def __init__(
+        self, params: SecAggParams, client_ids: Iterable[int], *, graph_seed: bytes | None = None
+    ) -> None:
         self.params = params
         self._invited = frozenset(client_ids)
         self._graph_seed = graph_seed
@@ -84,22 +86,23 @@ class SecAggServer:
 
     # -- checks --------------------------------------------------------------------------------------
 
+    def _require(self, stage: Stage, what: str) -> None:
+        if self._stage != stage:
+            raise ProtocolViolation(f"{what} outside the {stage.label} stage")
+
     def _accept(
         self, stage: Stage, round_id: int, sender: int, allowed: Collection[int], seen: Collection[int]
     ) -> None:
-        if self._stage != stage:
-            raise ProtocolViolation(f"a {stage.label} message from client {sender} outside that stage")
+        self._require(stage, f"{stage.label} message from client {sender}")
         if round_id != self.params.round_id:
             raise ProtocolViolation(
-                f"a {stage.label} message from client {sender} for round {round_id}, "
+                f"{stage.label} message from client {sender} for round {round_id}, "
                 f"this is round {self.params.round_id}"
             )
         if sender not in allowed:
-            raise ProtocolViolation(
-                f"a {stage.label} message from client {sender}, not expected at this stage"
-            )
+            raise ProtocolViolation(f"{stage.label} message from client {sender}, not expected at this stage")
         if sender in seen:
-            raise ProtocolViolation(f"a second {stage.label} message from client {sender}")
+            raise ProtocolViolation(f"second {stage.label} message from client {sender}")
 
     def _abort(self, stage: Stage, reason: str) -> SecAggAbort:
         self._stage = _FAILED
@@ -120,6 +123,7 @@ class SecAggServer:
 
     def close_advertise(self) -> dict[int, NeighbourKeys]:
         """Draw the neighbour graph over the clients that advertised keys; send each its neighbours' keys."""
+        self._require(Stage.ADVERTISE_KEYS, "closing advertise_keys")
         u0 = sorted(self._keys)
         self._enough(Stage.ADVERTISE_KEYS, len(u0), "advertised keys")
         self._graph = neighbour_graph(u0, self.params.neighbours, self._graph_seed)
@@ -149,6 +153,7 @@ class SecAggServer:
 
     def close_share_keys(self) -> dict[int, ForwardedShares]:
         """Forward to each client the shares its surviving neighbours sealed to it."""
+        self._require(Stage.SHARE_KEYS, "closing share_keys")
         t = self.params.threshold
         u1 = set(self._sealed)
         excluded = []
@@ -192,6 +197,7 @@ class SecAggServer:
 
     def close_masked_input(self) -> dict[int, UnmaskRequest]:
         """Ask each survivor to unmask: who is in the sum, and who dropped after sharing."""
+        self._require(Stage.MASKED_INPUT, "closing masked_input")
         u2 = tuple(sorted(self._u2))
         self._enough(Stage.MASKED_INPUT, len(u2), "sent a masked input")
         self._dropped = self._u1 - set(u2)
@@ -223,6 +229,7 @@ class SecAggServer:
 
     def finish(self) -> UnmaskedSum:
         """Reconstruct from exactly t shares each, remove the masks, and return the sum of U2's payloads."""
+        self._require(Stage.UNMASK, "finishing")
         t, rnd = self.params.threshold, self.params.round_id
         self._enough(Stage.UNMASK, len(self._answered), "answered the unmasking request")
         for owners, what in (

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Mapping, Sequence
+from functools import lru_cache
 
 PRIME = 2**521 - 1
 SHARE_BYTES = (PRIME.bit_length() + 7) // 8  # 66
@@ -47,6 +48,12 @@ def split(
 
 def lagrange_at_zero(xs: Sequence[int]) -> list[int]:
     """Lagrange basis values at 0: l_i(0) = prod_{j != i} x_j / (x_j - x_i) mod PRIME."""
+    return list(_lagrange_at_zero(tuple(xs)))
+
+
+@lru_cache(maxsize=1024)
+def _lagrange_at_zero(xs: tuple[int, ...]) -> tuple[int, ...]:
+    # Cached: with all pairs, the server interpolates every secret at the same t points.
     if len(set(xs)) != len(xs):
         raise ValueError("interpolation points must be distinct")
     weights = []
@@ -57,7 +64,7 @@ def lagrange_at_zero(xs: Sequence[int]) -> list[int]:
                 num = num * xj % PRIME
                 den = den * (xj - xi) % PRIME
         weights.append(num * pow(den, -1, PRIME) % PRIME)
-    return weights
+    return tuple(weights)
 
 
 def reconstruct(shares: Mapping[int, int] | Sequence[tuple[int, int]]) -> int:
@@ -65,8 +72,8 @@ def reconstruct(shares: Mapping[int, int] | Sequence[tuple[int, int]]) -> int:
     points = list(shares.items()) if isinstance(shares, Mapping) else list(shares)
     if not points:
         raise ValueError("no shares to reconstruct from")
-    xs = [x for x, _ in points]
-    return sum(w * y for w, (_, y) in zip(lagrange_at_zero(xs), points, strict=True)) % PRIME
+    weights = _lagrange_at_zero(tuple(x for x, _ in points))
+    return sum(w * y for w, (_, y) in zip(weights, points, strict=True)) % PRIME
 
 
 def to_bytes(value: int) -> bytes:
