@@ -45,7 +45,9 @@ format: install-dev
 	$(BIN)/ruff check --fix .
 
 bench: install-dev
+	$(BIN)/python bench/default_run.py
 	$(BIN)/python bench/overhead.py
+	$(BIN)/python bench/secagg.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache
