@@ -15,12 +15,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 
 from fedtune.adapter import FlatAdapter, attach_lora, save_adapter
-from fedtune.aggregate import make_aggregator
+from fedtune.aggregate import Aggregator, make_aggregator
 from fedtune.client import ClientUpdate, LocalTrainer
+from fedtune.collect import Collector, PlainCollector, SecureCollector
 from fedtune.config import Config, check_secure_aggregation
 from fedtune.data import ClientData, load_clients
 from fedtune.evaluate import EvalResult, evaluate
@@ -28,11 +28,8 @@ from fedtune.models import load_base_model, load_tokenizer, resolve_model_dir
 from fedtune.report import write_report
 from fedtune.rundir import RunDir
 from fedtune.sampling import clients_per_round, sample_clients
-from fedtune.secagg import SecAggAbort, SecAggRound
-from fedtune.secagg.messages import Stage
+from fedtune.secagg import Stage
 from fedtune.seeding import derive_seed, numpy_rng, torch_generator
-
-FLOAT32_BYTES = 4
 
 
 class Observer(Protocol):
@@ -132,7 +129,6 @@ def simulate(
     observer.start(fed.rounds, fed.rounds * cohort * steps_per_client)
 
     global_flat = s.adapter.get()
-    adapter_bytes = s.adapter.numel * FLOAT32_BYTES
 
     def run_eval(round_num: int) -> tuple[EvalResult, float]:
         observer.evaluating(round_num)
@@ -160,19 +156,13 @@ def simulate(
 
     for round_num in range(1, fed.rounds + 1):
         t_round = time.perf_counter()
-        chosen = sample_clients(len(s.clients), cohort, numpy_rng(seed, "sample", round_num))
+        chosen = sample_clients(len(s.clients), cohort, numpy_rng(seed, "sample", round_num)).tolist()
+        collector = _collector(config, s, aggregator, len(chosen), round_num)
         updates: list[ClientUpdate] = []
         train_seconds = 0.0
-        secure, secure_row, may_submit = None, {}, range(len(chosen))
-        if config.secure_aggregation.enabled:
-            secure = _secure_round(config, s, len(chosen), round_num)
-            try:
-                may_submit = secure.share_keys()  # stages 0-1, before anyone trains
-            except SecAggAbort as exc:
-                secure, may_submit, secure_row = None, (), {"secagg_abort": str(exc)}
-        for slot, index in enumerate(chosen.tolist()):
-            if slot not in may_submit:
-                continue  # dropped out while keys were exchanged: it never trains
+        for slot, index in enumerate(chosen):
+            if slot not in collector.admitted:
+                continue  # dropped out before training (secure aggregation's key exchange)
             client = s.clients[index]
             observer.client_started(round_num, client.client_id)
             t = time.perf_counter()
@@ -186,39 +176,25 @@ def simulate(
             )
             train_seconds += time.perf_counter() - t
             if update.ok and update.delta is not None:
-                if secure is not None:
-                    secure.submit(slot, update.delta.numpy(), update.num_examples)
-                else:
-                    aggregator.add(update.delta, update.num_examples)
+                collector.submit(slot, update.delta, update.num_examples)
             updates.append(replace(update, delta=None))  # keep the summary, not O(clients x adapter)
-        accepted = [u for u in updates if u.ok]
-        bytes_up, bytes_down = len(accepted) * adapter_bytes, len(updates) * adapter_bytes
-        if secure is not None:
-            try:
-                result = secure.finish()
-            except SecAggAbort as exc:
-                secure_row = {"secagg_abort": str(exc)}
-            else:
-                mean = torch.from_numpy(result.weighted_mean)
-                global_flat = aggregator.server_opt.step(global_flat, mean)
-                secure_row = {"clients": len(result.included), **result.metrics()}
-                bytes_up, bytes_down = sum(result.bytes_up), bytes_down + sum(result.bytes_down)
-        elif accepted:
-            global_flat = aggregator.finish(global_flat)
+        collected = collector.finish()
+        if collected.delta is not None:
+            global_flat = aggregator.server_opt.step(global_flat, collected.delta)
         row: dict[str, Any] = {
             "round": round_num,
-            "clients": 0 if "secagg_abort" in secure_row else len(accepted),
-            "selected": len(updates),
+            "clients": collected.clients,
+            "selected": len(chosen),
             "client_ids": [u.client_id for u in updates],
             "failed_clients": [u.client_id for u in updates if not u.ok],
             "failures": {u.client_id: u.error for u in updates if not u.ok},
             "train_loss": _train_loss(updates),
             "eval_loss": None,
             "eval_perplexity": None,
-            "bytes_up": bytes_up,
-            "bytes_down": bytes_down,
+            "bytes_up": collected.bytes_up,
+            "bytes_down": collected.bytes_down,
             "train_seconds": train_seconds,
-            **secure_row,
+            **collected.metrics,
         }
         if round_num % config.eval.every == 0 or round_num == fed.rounds:
             after, row["eval_seconds"] = run_eval(round_num)
@@ -247,28 +223,20 @@ def simulate(
     return result
 
 
-def _secure_round(config: Config, s: Setup, num_clients: int, round_num: int) -> SecAggRound:
-    """A seeded SecAgg+ round over the cohort, with simulated dropouts drawn per client and stage."""
-    sa, seed = config.secure_aggregation, config.run.seed
-    drops = numpy_rng(seed, "secagg-dropout", round_num).random((num_clients, len(Stage))) < sa.dropout_rate
-    first = np.where(drops.any(axis=1), drops.argmax(axis=1), -1)
-    dropouts = {stage: set(np.flatnonzero(first == stage).tolist()) for stage in Stage}
-    return SecAggRound(
-        num_clients,
+def _collector(config: Config, s: Setup, aggregator: Aggregator, cohort: int, round_num: int) -> Collector:
+    """The round's collector; its random draws are seeded per round, the secrets are not."""
+    if not config.secure_aggregation.enabled:
+        return PlainCollector(aggregator, cohort, s.adapter.numel)
+    seed = config.run.seed
+    return SecureCollector(
+        config.secure_aggregation,
+        cohort,
         s.adapter.numel,
-        bits=sa.bits,
-        clip_range=sa.clip_range,
         max_weight=s.max_train_examples,
+        round_num=round_num,
+        dropout_draws=numpy_rng(seed, "secagg-dropout", round_num).random((cohort, len(Stage))),
         rounding_rng=numpy_rng(seed, "secagg-rounding", round_num),
-        threshold=None if sa.threshold == "auto" else sa.threshold,
-        neighbours=num_clients - 1
-        if sa.neighbours == "all"
-        else None
-        if sa.neighbours == "auto"
-        else sa.neighbours,
-        dropouts=dropouts,
-        round_id=round_num,
-        # only to make a simulation repeatable; a deployment draws the graph from the OS
+        # only to make a simulation repeatable; a deployment lets the server draw the graph from the OS
         graph_seed=derive_seed(seed, "secagg-graph", round_num).to_bytes(32, "big"),
     )
 

@@ -24,9 +24,10 @@ class Aggregator:
         self.rule = rule
         self.server_opt = server_opt
         self.streaming = rule is rules.weighted_mean
-        self._reset()
+        self.reset()
 
-    def _reset(self) -> None:
+    def reset(self) -> None:
+        """Forget the round's updates."""
         self._sum: torch.Tensor | None = None
         self._weight_sum = 0.0
         self._deltas: list[torch.Tensor] = []
@@ -62,7 +63,7 @@ class Aggregator:
     def finish(self, global_flat: torch.Tensor) -> torch.Tensor:
         """Aggregate the round, step the server optimizer, and start a fresh round."""
         delta = self.aggregate()
-        self._reset()
+        self.reset()
         return self.server_opt.step(global_flat, delta)
 
 

@@ -182,6 +182,10 @@ class SecAggRound:
         self._exchange(Stage.MASKED_INPUT, {i: msg}, masked_input)
         return True
 
+    def bytes_so_far(self) -> tuple[int, int]:
+        """Bytes all clients have sent and received so far (what an aborted round still cost)."""
+        return sum(self._ledger.up), sum(self._ledger.down)
+
     def finish(self) -> SecAggResult:
         """Stage 3: unmask the sum of the submitted updates and decode their weighted mean."""
         server, ledger = self._server, self._ledger
