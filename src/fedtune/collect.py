@@ -9,7 +9,7 @@ by the caller, so any collector composes with any optimizer, in simulation now a
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from fedtune.aggregate import Aggregator
+from fedtune.compress import decode
 from fedtune.config import SecureAggregationConfig
 from fedtune.secagg import SecAggAbort, SecAggRound, Stage
 
@@ -37,27 +38,37 @@ class Collected:
 class Collector(Protocol):
     @property
     def admitted(self) -> Collection[int]: ...
-    def submit(self, slot: int, delta: torch.Tensor, weight: int) -> None: ...
+    def submit(self, slot: int, update: torch.Tensor | bytes, weight: int) -> None: ...
     def finish(self) -> Collected: ...
 
 
 class PlainCollector:
-    """Deltas in the clear into the aggregator's rule (streaming for FedAvg)."""
+    """Updates in the clear into the aggregator's rule (streaming for FedAvg): a float32 delta, or a
+    compressed payload that the server decodes first, as it would off the wire."""
 
-    def __init__(self, aggregator: Aggregator, cohort: int, adapter_numel: int) -> None:
+    def __init__(
+        self, aggregator: Aggregator, cohort: int, adapter_numel: int, shared_seed: bytes | None = None
+    ) -> None:
         self.aggregator = aggregator
         self.admitted: Collection[int] = range(cohort)
-        self.adapter_bytes = adapter_numel * FLOAT32_BYTES
+        self.numel = adapter_numel
+        self.shared_seed = shared_seed
+        self.bytes_up = 0
 
-    def submit(self, slot: int, delta: torch.Tensor, weight: int) -> None:
-        self.aggregator.add(delta, weight)
+    def submit(self, slot: int, update: torch.Tensor | bytes, weight: int) -> None:
+        if isinstance(update, bytes):
+            self.bytes_up += len(update)
+            update = decode(update, self.numel, seed=self.shared_seed)
+        else:
+            self.bytes_up += update.numel() * FLOAT32_BYTES
+        self.aggregator.add(update, weight)
 
     def finish(self) -> Collected:
         n = self.aggregator.count
         delta = self.aggregator.aggregate() if n else None
         self.aggregator.reset()
-        down = len(self.admitted) * self.adapter_bytes
-        return Collected(delta, n, n * self.adapter_bytes, down)
+        down = len(self.admitted) * self.numel * FLOAT32_BYTES
+        return Collected(delta, n, self.bytes_up, down)
 
 
 class SecureCollector:
@@ -74,12 +85,17 @@ class SecureCollector:
         dropout_draws: np.ndarray,
         rounding_rng: np.random.Generator,
         graph_seed: bytes | None,
+        download_bytes: int,
+        expand: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         """`dropout_draws` is a [cohort, stages] array of uniforms: a client drops at its first stage whose
-        draw falls below `cfg.dropout_rate` (simulated dropouts; with a rate of 0 nobody drops)."""
+        draw falls below `cfg.dropout_rate` (simulated dropouts; with a rate of 0 nobody drops).
+        `adapter_numel` is the length of what is masked (random-k: the kept values), and `expand` maps
+        the unmasked mean back onto the adapter (random-k: onto the round's shared coordinates)."""
         drops = dropout_draws < cfg.dropout_rate
         first = np.where(drops.any(axis=1), drops.argmax(axis=1), -1)
-        self.adapter_bytes = adapter_numel * FLOAT32_BYTES
+        self.expand = expand
+        self.download_bytes = download_bytes  # the global adapter each admitted client receives
         self.cohort = cohort
         self.round = SecAggRound(
             cohort,
@@ -101,19 +117,22 @@ class SecureCollector:
         except SecAggAbort as exc:
             self.abort = str(exc)
 
-    def submit(self, slot: int, delta: torch.Tensor, weight: int) -> None:
-        self.round.submit(slot, delta.numpy(), weight)
+    def submit(self, slot: int, update: torch.Tensor | bytes, weight: int) -> None:
+        if isinstance(update, bytes):
+            raise TypeError("secure aggregation masks values, not compressed payloads")
+        self.round.submit(slot, update.numpy(), weight)
 
     def finish(self) -> Collected:
-        down = len(self.admitted) * self.adapter_bytes
+        down = len(self.admitted) * self.download_bytes
         if self.abort is None:
             try:
                 result = self.round.finish()
             except SecAggAbort as exc:
                 self.abort = str(exc)
             else:
+                mean = torch.from_numpy(result.weighted_mean)
                 return Collected(
-                    torch.from_numpy(result.weighted_mean),
+                    mean if self.expand is None else self.expand(mean),
                     len(result.included),
                     sum(result.bytes_up),
                     down + sum(result.bytes_down),

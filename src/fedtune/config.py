@@ -112,6 +112,18 @@ class SecureAggregationConfig(_Section):
     dropout_rate: float = Field(0.0, ge=0.0, lt=1.0)  # simulation: chance a client drops at each stage
 
 
+class CompressionConfig(_Section):
+    """How clients compress their updates (fedtune.compress): sparsify, quantize, entropy-code."""
+
+    method: Literal["none", "quantize", "topk", "randomk"] = "none"
+    bits: int = Field(8, ge=1, le=32)  # quantize: 1-8; topk/randomk values: 32, 16 or 1-8
+    block_size: PositiveInt | Literal["tensor"] = 256  # values per quantization scale
+    fraction: float = Field(0.01, gt=0.0, le=1.0)  # topk/randomk: share of coordinates kept
+    error_feedback: bool = True  # each client keeps what compression dropped and adds it next time
+    entropy_coding: bool = True  # zstd per payload section, only where it is smaller
+    rescale: bool = False  # randomk: the server scales by d/k (unbiased); not with error_feedback
+
+
 class EvalConfig(_Section):
     """Evaluation of the global adapter on the clients' held-out data."""
 
@@ -132,6 +144,7 @@ class Config(_Section):
     train: TrainConfig = TrainConfig()
     server: ServerConfig = ServerConfig()
     secure_aggregation: SecureAggregationConfig = SecureAggregationConfig()
+    compression: CompressionConfig = CompressionConfig()
     eval: EvalConfig = EvalConfig()
 
     @model_validator(mode="after")
@@ -154,11 +167,12 @@ class Config(_Section):
                 f"data.partition = 'natural' needs data.client_field for file {data.source!r}; "
                 "name the client column or use partition = 'iid' or 'dirichlet'"
             )
-        if self.secure_aggregation.enabled:
-            try:
+        try:
+            if self.secure_aggregation.enabled:
                 check_secure_aggregation(self)
-            except ConfigError as exc:
-                raise ValueError(str(exc)) from None
+            check_compression(self)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
         if data.partition != "natural" and fed.num_clients == "all":
             raise ValueError(
                 f"data.partition = {data.partition!r} needs a number of clients; "
@@ -177,6 +191,17 @@ def secagg_cohort_bound(config: Config, population: int | None = None) -> int | 
     if fed.fraction_per_round is not None:
         return None if size == "all" else max(1, round(fed.fraction_per_round * size))
     return fed.clients_per_round if size == "all" else min(fed.clients_per_round, size)
+
+
+def check_compression(config: Config) -> list[str]:
+    """Refuse compression settings that are invalid or do not compose; return notes for the log."""
+    from fedtune.compress import CompressionSpec, check_composable
+
+    return check_composable(
+        CompressionSpec.from_config(config.compression),
+        secure_aggregation=config.secure_aggregation.enabled,
+        server_rule=config.server.rule,
+    )
 
 
 def check_secure_aggregation(

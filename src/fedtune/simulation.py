@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -21,8 +22,10 @@ from fedtune.adapter import FlatAdapter, attach_lora, save_adapter
 from fedtune.aggregate import Aggregator, make_aggregator
 from fedtune.client import ClientUpdate, LocalTrainer
 from fedtune.collect import Collector, PlainCollector, SecureCollector
+from fedtune.compress import num_kept, scatter_shared
 from fedtune.config import Config, check_secure_aggregation
 from fedtune.data import ClientData, load_clients
+from fedtune.encoding import ClientEncoding
 from fedtune.evaluate import EvalResult, evaluate
 from fedtune.models import load_base_model, load_tokenizer, resolve_model_dir
 from fedtune.report import write_report
@@ -121,6 +124,7 @@ def simulate(
     run_dir = RunDir(config.run.resolved_dir)
     run_dir.create(config)
     aggregator = make_aggregator(config.server)
+    encoding = ClientEncoding(config)
     cohort = clients_per_round(fed, len(s.clients))
     steps_per_client = fed.local_steps
     if fed.local_epochs is not None:
@@ -157,7 +161,7 @@ def simulate(
     for round_num in range(1, fed.rounds + 1):
         t_round = time.perf_counter()
         chosen = sample_clients(len(s.clients), cohort, numpy_rng(seed, "sample", round_num)).tolist()
-        collector = _collector(config, s, aggregator, len(chosen), round_num)
+        collector = _collector(config, s, aggregator, encoding, len(chosen), round_num)
         updates: list[ClientUpdate] = []
         train_seconds = 0.0
         for slot, index in enumerate(chosen):
@@ -176,7 +180,10 @@ def simulate(
             )
             train_seconds += time.perf_counter() - t
             if update.ok and update.delta is not None:
-                collector.submit(slot, update.delta, update.num_examples)
+                sent = encoding.encode(
+                    update.delta, client.client_id, round_num, index, masked=config.secure_aggregation.enabled
+                )
+                collector.submit(slot, sent, update.num_examples)
             updates.append(replace(update, delta=None))  # keep the summary, not O(clients x adapter)
         collected = collector.finish()
         if collected.delta is not None:
@@ -223,21 +230,31 @@ def simulate(
     return result
 
 
-def _collector(config: Config, s: Setup, aggregator: Aggregator, cohort: int, round_num: int) -> Collector:
+def _collector(
+    config: Config, s: Setup, aggregator: Aggregator, encoding: ClientEncoding, cohort: int, round_num: int
+) -> Collector:
     """The round's collector; its random draws are seeded per round, the secrets are not."""
+    shared_seed = encoding.shared_seed(round_num)
+    numel = s.adapter.numel
     if not config.secure_aggregation.enabled:
-        return PlainCollector(aggregator, cohort, s.adapter.numel)
+        return PlainCollector(aggregator, cohort, numel, shared_seed)
     seed = config.run.seed
+    masked_numel, expand = numel, None
+    if shared_seed is not None:  # random-k: only the round's shared coordinates are masked and summed
+        masked_numel = num_kept(numel, encoding.spec.fraction)
+        expand = partial(scatter_shared, numel=numel, spec=encoding.spec, shared_seed=shared_seed)
     return SecureCollector(
         config.secure_aggregation,
         cohort,
-        s.adapter.numel,
+        masked_numel,
         max_weight=s.max_train_examples,
         round_num=round_num,
         dropout_draws=numpy_rng(seed, "secagg-dropout", round_num).random((cohort, len(Stage))),
         rounding_rng=numpy_rng(seed, "secagg-rounding", round_num),
         # only to make a simulation repeatable; a deployment lets the server draw the graph from the OS
         graph_seed=derive_seed(seed, "secagg-graph", round_num).to_bytes(32, "big"),
+        download_bytes=numel * 4,
+        expand=expand,
     )
 
 
