@@ -19,7 +19,15 @@ import torch
 from fedtune.aggregate import Aggregator
 from fedtune.compress import decode
 from fedtune.config import SecureAggregationConfig
-from fedtune.secagg import SecAggAbort, SecAggRound, Stage
+from fedtune.privacy.distributed import NoisedSum, decode_noised_sum
+from fedtune.secagg import (
+    SecAggAbort,
+    SecAggRound,
+    Stage,
+    default_neighbours,
+    default_threshold,
+    effective_neighbours,
+)
 
 FLOAT32_BYTES = 4
 
@@ -29,16 +37,22 @@ class Collected:
     """A round's outcome: the aggregated delta (None if the round applied nothing) and what it cost."""
 
     delta: torch.Tensor | None
-    clients: int  # updates inside the aggregate
+    clients: int  # updates inside the aggregate (weight 1 each under DP)
     bytes_up: int
     bytes_down: int
     metrics: dict[str, Any] = field(default_factory=dict)
+    noised_sum: NoisedSum | None = None  # distributed DP: the decoded sum with every share's noise
+
+
+Noise = Callable[[np.ndarray], np.ndarray]
 
 
 class Collector(Protocol):
     @property
     def admitted(self) -> Collection[int]: ...
-    def submit(self, slot: int, update: torch.Tensor | bytes, weight: int) -> None: ...
+    def submit(
+        self, slot: int, update: torch.Tensor | bytes, weight: int, noise: Noise | None = None
+    ) -> None: ...
     def finish(self) -> Collected: ...
 
 
@@ -55,7 +69,11 @@ class PlainCollector:
         self.shared_seed = shared_seed
         self.bytes_up = 0
 
-    def submit(self, slot: int, update: torch.Tensor | bytes, weight: int) -> None:
+    def submit(
+        self, slot: int, update: torch.Tensor | bytes, weight: int, noise: Noise | None = None
+    ) -> None:
+        if noise is not None:
+            raise ValueError("per-client noise shares need secure aggregation (privacy.mode = 'distributed')")
         if isinstance(update, bytes):
             self.bytes_up += len(update)
             update = decode(update, self.numel, seed=self.shared_seed)
@@ -69,6 +87,13 @@ class PlainCollector:
         self.aggregator.reset()
         down = len(self.admitted) * self.numel * FLOAT32_BYTES
         return Collected(delta, n, self.bytes_up, down)
+
+
+def secure_threshold(cfg: SecureAggregationConfig, cohort: int) -> int:
+    """t for a round of `cohort` clients, as `SecAggRound` resolves it."""
+    k = cohort - 1 if cfg.neighbours == "all" else None if cfg.neighbours == "auto" else cfg.neighbours
+    k = effective_neighbours(default_neighbours(cohort) if k is None else k, cohort)
+    return default_threshold(k) if cfg.threshold == "auto" else cfg.threshold
 
 
 class SecureCollector:
@@ -111,32 +136,38 @@ class SecureCollector:
             graph_seed=graph_seed,
         )
         self.abort: str | None = None
+        self.noised = False
         self.admitted: Collection[int] = ()
         try:
             self.admitted = self.round.share_keys()  # stages 0-1, before anyone trains
         except SecAggAbort as exc:
             self.abort = str(exc)
 
-    def submit(self, slot: int, update: torch.Tensor | bytes, weight: int) -> None:
+    def submit(
+        self, slot: int, update: torch.Tensor | bytes, weight: int, noise: Noise | None = None
+    ) -> None:
         if isinstance(update, bytes):
             raise TypeError("secure aggregation masks values, not compressed payloads")
-        self.round.submit(slot, update.numpy(), weight)
+        self.noised = self.noised or noise is not None
+        self.round.submit(slot, update.numpy(), weight, noise)
 
     def finish(self) -> Collected:
         down = len(self.admitted) * self.download_bytes
         if self.abort is None:
             try:
-                result = self.round.finish()
+                result = self.round.finish_with(decode_noised_sum) if self.noised else self.round.finish()
             except SecAggAbort as exc:
                 self.abort = str(exc)
             else:
+                up, down = sum(result.bytes_up), down + sum(result.bytes_down)
+                if self.noised:
+                    noised: NoisedSum = result.decoded
+                    if self.expand is not None:
+                        total = self.expand(torch.from_numpy(noised.total).to(torch.float32))
+                        noised = NoisedSum(total.numpy(), noised.contributors)
+                    return Collected(None, noised.contributors, up, down, result.metrics(), noised)
                 mean = torch.from_numpy(result.weighted_mean)
-                return Collected(
-                    mean if self.expand is None else self.expand(mean),
-                    len(result.included),
-                    sum(result.bytes_up),
-                    down + sum(result.bytes_down),
-                    result.metrics(),
-                )
+                delta = mean if self.expand is None else self.expand(mean)
+                return Collected(delta, len(result.included), up, down, result.metrics())
         up, protocol_down = self.round.bytes_so_far()
         return Collected(None, 0, up, down + protocol_down, {"secagg_abort": self.abort})

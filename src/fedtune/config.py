@@ -14,6 +14,7 @@ import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fedtune.errors import ConfigError
+from fedtune.privacy.settings import DpSgdConfig, PrivacyConfig
 
 PositiveInt = Annotated[int, Field(ge=1)]
 Fraction = Annotated[float, Field(gt=0.0, lt=1.0)]
@@ -145,6 +146,8 @@ class Config(_Section):
     server: ServerConfig = ServerConfig()
     secure_aggregation: SecureAggregationConfig = SecureAggregationConfig()
     compression: CompressionConfig = CompressionConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
+    dpsgd: DpSgdConfig = DpSgdConfig()
     eval: EvalConfig = EvalConfig()
 
     @model_validator(mode="after")
@@ -168,6 +171,8 @@ class Config(_Section):
                 "name the client column or use partition = 'iid' or 'dirichlet'"
             )
         try:
+            if self.privacy.mode != "off" or self.dpsgd.enabled:
+                check_privacy(self)
             if self.secure_aggregation.enabled:
                 check_secure_aggregation(self)
             check_compression(self)
@@ -193,6 +198,13 @@ def secagg_cohort_bound(config: Config, population: int | None = None) -> int | 
     return fed.clients_per_round if size == "all" else min(fed.clients_per_round, size)
 
 
+def check_privacy(config: Config, population: int | None = None) -> None:
+    """Refuse privacy settings that cannot be run or accounted, with the reason."""
+    from fedtune.privacy.settings import check_privacy as check
+
+    check(config, population)
+
+
 def check_compression(config: Config) -> list[str]:
     """Refuse compression settings that are invalid or do not compose; return notes for the log."""
     from fedtune.compress import CompressionSpec, check_composable
@@ -201,6 +213,7 @@ def check_compression(config: Config) -> list[str]:
         CompressionSpec.from_config(config.compression),
         secure_aggregation=config.secure_aggregation.enabled,
         server_rule=config.server.rule,
+        privacy_mode=config.privacy.mode,
     )
 
 
@@ -237,7 +250,7 @@ def check_secure_aggregation(
             f"secure_aggregation.threshold = {sa.threshold}: allowed 2 to {k + 1} "
             f"(each client's secret has k + 1 = {k + 1} holders with {cohort} clients per round)"
         )
-    weight = max_weight
+    weight = 1 if config.privacy.mode != "off" else max_weight  # DP updates all weigh 1
     if weight is None and config.data.max_examples_per_client != "all":
         weight = config.data.max_examples_per_client
     if weight is not None:

@@ -8,11 +8,16 @@ to mask. With `compression.method = "none"` the delta goes out as it is.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import replace
+
 import torch
 
 from fedtune.compress import CompressionSpec, ResidualStore, UpdateEncoder
 from fedtune.config import Config
 from fedtune.seeding import derive_seed, torch_generator
+
+Clip = Callable[[torch.Tensor], tuple[torch.Tensor, bool]]
 
 
 class ClientEncoding:
@@ -33,13 +38,30 @@ class ClientEncoding:
         return derive_seed(self.seed, "compress-randomk", round_num).to_bytes(32, "big")
 
     def encode(
-        self, delta: torch.Tensor, client_id: str, round_num: int, index: int, *, masked: bool
-    ) -> torch.Tensor | bytes:
-        """What the client sends: payload bytes, or (`masked`) the values secure aggregation will mask."""
+        self,
+        delta: torch.Tensor,
+        client_id: str,
+        round_num: int,
+        index: int,
+        *,
+        masked: bool,
+        clip: Clip | None = None,
+    ) -> tuple[torch.Tensor | bytes, bool]:
+        """What the client sends (payload bytes, or, `masked`, the values secure aggregation will mask),
+        and whether the update fit under the DP clip norm. `clip` (DP) runs inside the pipeline, after the
+        error-feedback residual is added, so every vector that leaves the client is within the bound."""
+        fits: list[bool] = []
+
+        def clip_stage(update: torch.Tensor) -> torch.Tensor:
+            clipped, fit = clip(update)  # type: ignore[misc]
+            fits.append(fit)
+            return clipped
+
         if not self.active:
-            return delta
+            return (delta, True) if clip is None else (clip_stage(delta), fits[0])
+        encoder = self.encoder if clip is None else replace(self.encoder, clip=clip_stage)
         captured: list[torch.Tensor] = []
-        encoded = self.encoder.encode(
+        encoded = encoder.encode(
             delta,
             generator=torch_generator(self.seed, "compress", round_num, index),
             residual=self.residuals.get(client_id),
@@ -48,7 +70,8 @@ class ClientEncoding:
         )
         if encoded.residual is not None:
             self.residuals.put(client_id, encoded.residual)
+        fit = fits[0] if fits else True
         if masked:
-            return captured[0]
+            return captured[0], fit
         assert encoded.payload is not None  # the encoder returns bytes whenever no mask took the values
-        return encoded.payload
+        return encoded.payload, fit

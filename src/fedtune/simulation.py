@@ -16,22 +16,27 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 
 from fedtune.adapter import FlatAdapter, attach_lora, save_adapter
 from fedtune.aggregate import Aggregator, make_aggregator
 from fedtune.client import ClientUpdate, LocalTrainer
-from fedtune.collect import Collector, PlainCollector, SecureCollector
+from fedtune.collect import Collector, PlainCollector, SecureCollector, secure_threshold
 from fedtune.compress import num_kept, scatter_shared
-from fedtune.config import Config, check_secure_aggregation
+from fedtune.config import Config, check_privacy, check_secure_aggregation
 from fedtune.data import ClientData, load_clients
 from fedtune.encoding import ClientEncoding
 from fedtune.evaluate import EvalResult, evaluate
 from fedtune.models import load_base_model, load_tokenizer, resolve_model_dir
+from fedtune.privacy.distributed import add_noise_to_payload, check_headroom
+from fedtune.privacy.dpfedavg import ClientLevelDp
+from fedtune.privacy.noise import os_entropy_generator, os_entropy_rng
+from fedtune.privacy.settings import plan_privacy
 from fedtune.report import write_report
 from fedtune.rundir import RunDir
 from fedtune.sampling import clients_per_round, sample_clients
-from fedtune.secagg import Stage
+from fedtune.secagg import FixedPoint, Stage
 from fedtune.seeding import derive_seed, numpy_rng, torch_generator
 
 
@@ -121,11 +126,13 @@ def simulate(
         torch.set_num_threads(config.run.threads)
     seed, fed = config.run.seed, config.federation
     s = setup(config, notify)
+    cohort = clients_per_round(fed, len(s.clients))
+    config, dp = _privacy(config, s, cohort)  # config now records the resolved noise multiplier and delta
     run_dir = RunDir(config.run.resolved_dir)
     run_dir.create(config)
     aggregator = make_aggregator(config.server)
     encoding = ClientEncoding(config)
-    cohort = clients_per_round(fed, len(s.clients))
+    notes: list[str] = []
     steps_per_client = fed.local_steps
     if fed.local_epochs is not None:
         mean_train = sum(len(c.train) for c in s.clients) / len(s.clients)
@@ -154,12 +161,22 @@ def simulate(
             "eval_seconds": eval_seconds,
         }
     ]
+    if dp is not None:
+        rows[0]["epsilon"] = 0.0
     run_dir.append_metrics(rows[0])
     observer.round_finished(rows[0])
     after = before
 
     for round_num in range(1, fed.rounds + 1):
+        if dp is not None and not dp.round_fits_budget(_fewest_noise_shares(config, cohort)):
+            notes.append(
+                f"stopped before round {round_num}: it could spend more than privacy.target_epsilon = "
+                f"{config.privacy.target_epsilon}"
+            )
+            notify(notes[-1])
+            break
         t_round = time.perf_counter()
+        unclipped = 0
         chosen = sample_clients(len(s.clients), cohort, numpy_rng(seed, "sample", round_num)).tolist()
         collector = _collector(config, s, aggregator, encoding, len(chosen), round_num)
         updates: list[ClientUpdate] = []
@@ -179,15 +196,38 @@ def simulate(
                 on_step=observer.step,
             )
             train_seconds += time.perf_counter() - t
-            if update.ok and update.delta is not None:
-                sent = encoding.encode(
-                    update.delta, client.client_id, round_num, index, masked=config.secure_aggregation.enabled
+            delta = update.delta
+            if dp is not None and delta is None:
+                delta = torch.zeros_like(global_flat)  # a refused update still counts (public denominator)
+            if delta is not None:
+                sent, fit = encoding.encode(
+                    delta,
+                    client.client_id,
+                    round_num,
+                    index,
+                    masked=config.secure_aggregation.enabled,
+                    clip=dp.clip if dp is not None else None,
                 )
-                collector.submit(slot, sent, update.num_examples)
+                unclipped += fit
+                noise = _noise_share(dp) if dp is not None and dp.plan.mode == "distributed" else None
+                weight = 1 if dp is not None else update.num_examples
+                collector.submit(slot, sent, weight, noise)
             updates.append(replace(update, delta=None))  # keep the summary, not O(clients x adapter)
         collected = collector.finish()
-        if collected.delta is not None:
-            global_flat = aggregator.server_opt.step(global_flat, collected.delta)
+        applied = collected.delta
+        privacy_row: dict[str, Any] = {}
+        if dp is not None and "secagg_abort" not in collected.metrics:
+            if collected.noised_sum is not None:  # distributed: the clients' shares are already in it
+                applied = dp.mean(collected.noised_sum.total)
+                contributors: int | None = collected.noised_sum.contributors
+            else:  # central: the server adds the noise to the sum of clipped deltas
+                total = torch.zeros_like(global_flat) if applied is None else applied * collected.clients
+                applied, contributors = dp.noised_mean(total), None
+            privacy_row = dp.end_round(
+                unclipped=unclipped, reported=len(collector.admitted), contributors=contributors
+            )
+        if applied is not None:
+            global_flat = aggregator.server_opt.step(global_flat, applied)
         row: dict[str, Any] = {
             "round": round_num,
             "clients": collected.clients,
@@ -202,6 +242,7 @@ def simulate(
             "bytes_down": collected.bytes_down,
             "train_seconds": train_seconds,
             **collected.metrics,
+            **privacy_row,
         }
         if round_num % config.eval.every == 0 or round_num == fed.rounds:
             after, row["eval_seconds"] = run_eval(round_num)
@@ -225,9 +266,46 @@ def simulate(
         seconds=time.perf_counter() - started,
         num_clients=len(s.clients),
         adapter_numel=s.adapter.numel,
+        notes=notes,
     )
     _write_report(config, run_dir, result, client_eval)
     return result
+
+
+def _privacy(config: Config, s: Setup, cohort: int) -> tuple[Config, ClientLevelDp | None]:
+    """Resolve `[privacy]` now that sizes are known; the noise generators are seeded from the OS."""
+    if config.privacy.mode == "off":
+        return config, None
+    check_privacy(config, len(s.clients))
+    spec = None
+    if config.secure_aggregation.enabled:
+        sa = config.secure_aggregation
+        spec = FixedPoint(sa.bits, sa.clip_range, 1, cohort)
+    plan = plan_privacy(
+        config,
+        len(s.clients),
+        cohort,
+        adapter_numel=s.adapter.numel,
+        encoding_step=None if spec is None else spec.step,
+    )
+    if plan is None:
+        return config, None
+    if spec is not None and plan.distributed is not None:
+        check_headroom(cohort, spec, plan.distributed)
+    resolved = config.model_copy(update={"privacy": plan.resolved(config.privacy)})
+    return resolved, ClientLevelDp(plan, os_entropy_generator(), os_entropy_rng())
+
+
+def _noise_share(dp: ClientLevelDp) -> Callable[[np.ndarray], np.ndarray]:
+    """A client's Skellam share, added to its encoded payload (integer domain) before masking."""
+    return lambda payload: add_noise_to_payload(payload, dp.noise_share())
+
+
+def _fewest_noise_shares(config: Config, cohort: int) -> int | None:
+    """Distributed noise: the fewest shares a released sum can hold (secure aggregation's threshold)."""
+    if config.privacy.mode != "distributed":
+        return None
+    return secure_threshold(config.secure_aggregation, cohort)
 
 
 def _collector(
@@ -247,7 +325,7 @@ def _collector(
         config.secure_aggregation,
         cohort,
         masked_numel,
-        max_weight=s.max_train_examples,
+        max_weight=1 if config.privacy.mode != "off" else s.max_train_examples,
         round_num=round_num,
         dropout_draws=numpy_rng(seed, "secagg-dropout", round_num).random((cohort, len(Stage))),
         rounding_rng=numpy_rng(seed, "secagg-rounding", round_num),

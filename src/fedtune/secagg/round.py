@@ -48,6 +48,7 @@ class SecAggResult:
     client_seconds: tuple[float, ...]
     server_seconds: float
     critical_path_seconds: float
+    decoded: Any = None  # what the decoder returned (the default decode's DecodedSum, or another's)
 
     def metrics(self) -> dict[str, Any]:
         """The round's `secagg_*` entries for metrics.jsonl."""
@@ -169,14 +170,24 @@ class SecAggRound:
             self._forwarded = server.close_share_keys()
         return tuple(sorted(self._forwarded))
 
-    def submit(self, i: int, vector: np.ndarray, weight: int) -> bool:
-        """Client i encodes, masks and sends its update; False if it is out of the round or drops now."""
+    def submit(
+        self,
+        i: int,
+        vector: np.ndarray,
+        weight: int,
+        noise: Callable[[np.ndarray], np.ndarray] | None = None,
+    ) -> bool:
+        """Client i encodes, masks and sends its update; False if it is out of the round or drops now.
+        `noise` (distributed DP) adds the client's integer noise share to its encoded payload before
+        masking."""
         msg = self._forwarded.pop(i, None)
         if msg is None or not self._alive(i, Stage.MASKED_INPUT):
             return False
 
         def masked_input(i: int, msg: ForwardedShares) -> MaskedInput:
             payload = encode(np.asarray(vector, dtype=np.float32), weight, self.spec, self._rng)
+            if noise is not None:
+                payload = noise(payload)
             return self._clients[i].masked_input(msg, payload)
 
         self._exchange(Stage.MASKED_INPUT, {i: msg}, masked_input)
@@ -188,19 +199,32 @@ class SecAggRound:
 
     def finish(self) -> SecAggResult:
         """Stage 3: unmask the sum of the submitted updates and decode their weighted mean."""
+        return self.finish_with(decode)
+
+    def finish_with(self, decoder: Callable[[np.ndarray, FixedPoint], Any]) -> SecAggResult:
+        """Stage 3 with another decoder of the unmasked words (distributed DP: a centred decode of a noised
+        sum); the result's `decoded` is what the decoder returned."""
         server, ledger = self._server, self._ledger
         with ledger.server(Stage.MASKED_INPUT):
             requests = server.close_masked_input()
         self._exchange(Stage.UNMASK, requests, lambda i, msg: self._clients[i].unmask(msg))
         with ledger.server(Stage.UNMASK):
             total = server.finish()
-            decoded = decode(total.words, self.spec)
+            decoded = decoder(total.words, self.spec)
+        if decoder is not decode:
+            return self._result(total, decoded, np.zeros(0, np.float32), 0, 0)
+        return self._result(total, decoded, decoded.mean, decoded.total_weight, decoded.clipped)
+
+    def _result(
+        self, total: Any, decoded: Any, mean: np.ndarray, total_weight: int, clipped: int
+    ) -> SecAggResult:
+        ledger = self._ledger
         return SecAggResult(
-            weighted_mean=decoded.mean,
+            weighted_mean=mean,
             included=total.survivors,
             excluded=total.excluded,
-            total_weight=decoded.total_weight,
-            clipped_values=decoded.clipped,
+            total_weight=total_weight,
+            clipped_values=clipped,
             survivors_per_stage=total.survivors_per_stage,
             neighbours=total.neighbours,
             threshold=self.params.threshold,
@@ -209,6 +233,7 @@ class SecAggRound:
             client_seconds=tuple(float(s) for s in ledger.client_seconds.sum(axis=1)),
             server_seconds=float(ledger.server_seconds.sum()),
             critical_path_seconds=ledger.critical_path(),
+            decoded=decoded,
         )
 
 
