@@ -1,6 +1,7 @@
 """Differential privacy inside the simulation: epsilon per round, the budget stop, distributed noise."""
 
 import tomllib
+from itertools import pairwise
 
 import pytest
 
@@ -15,7 +16,7 @@ def test_central_dp_reports_growing_epsilon_and_records_the_plan(tmp_path):
     result = simulate(load_config(None, [*CENTRAL, "privacy.target_epsilon=30", f"run.dir={tmp_path}"]))
     epsilons = [row["epsilon"] for row in result.rows]
     assert epsilons[0] == 0.0
-    assert all(a < b for a, b in zip(epsilons, epsilons[1:], strict=False))
+    assert all(a < b for a, b in pairwise(epsilons))
     assert epsilons[-1] <= 30.0  # calibrated to spend the budget over the configured rounds, not more
     assert epsilons[-1] > 25.0
     resolved = tomllib.loads((tmp_path / "config.toml").read_text())["privacy"]
