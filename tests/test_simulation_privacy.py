@@ -55,3 +55,22 @@ def test_distributed_noise_through_secure_aggregation(tmp_path):
         assert row["secagg_survivors"] == [3, 3, 3, 3]
         assert row["epsilon"] > 0
     assert result.rows[-1]["epsilon"] > result.rows[1]["epsilon"]
+
+
+def test_dpsgd_clients_report_their_per_record_epsilon(tmp_path):
+    config = load_config(
+        None,
+        [
+            *SMALL,
+            "federation.rounds=2",
+            "lora.target_modules=['q_proj', 'v_proj']",
+            "dpsgd.enabled=true",
+            "dpsgd.noise_multiplier=1.0",
+            "dpsgd.delta=1e-3",
+            f"run.dir={tmp_path}",
+        ],
+    )
+    result = simulate(config)
+    epsilons = [row["dpsgd_epsilon_max"] for row in result.rows[1:]]
+    assert 0 < epsilons[0] <= epsilons[1]
+    assert all(row["clients"] == 3 for row in result.rows[1:])

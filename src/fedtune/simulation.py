@@ -31,6 +31,7 @@ from fedtune.evaluate import EvalResult, evaluate
 from fedtune.models import load_base_model, load_tokenizer, resolve_model_dir
 from fedtune.privacy.distributed import add_noise_to_payload, check_headroom
 from fedtune.privacy.dpfedavg import ClientLevelDp
+from fedtune.privacy.dpsgd import DpSgdSettings, DpSgdTrainer, check_dpsgd_model, record_epsilon
 from fedtune.privacy.noise import os_entropy_generator, os_entropy_rng
 from fedtune.privacy.settings import plan_privacy
 from fedtune.report import write_report
@@ -77,7 +78,7 @@ class Setup:
     model_dir: Path
     model: torch.nn.Module
     adapter: FlatAdapter
-    trainer: LocalTrainer
+    trainer: LocalTrainer | DpSgdTrainer
     clients: list[ClientData]
     eval_clients: list[ClientData]
 
@@ -99,7 +100,18 @@ def setup(config: Config, notify: Callable[[str], None]) -> Setup:
         eval_clients = [clients[i] for i in chosen]
     model = attach_lora(load_base_model(model_dir), config.lora, torch_generator(seed, "lora"))
     adapter = FlatAdapter(model)
-    trainer = LocalTrainer(model, adapter, config.train, tokenizer.pad_token_id)
+    trainer: LocalTrainer | DpSgdTrainer = LocalTrainer(model, adapter, config.train, tokenizer.pad_token_id)
+    if config.dpsgd.enabled:  # sample-level DP on every client: per-example clipping and noise (Opacus)
+        check_dpsgd_model(model)
+        trainer = DpSgdTrainer(
+            model,
+            adapter,
+            config.train,
+            tokenizer.pad_token_id,
+            DpSgdSettings(config.dpsgd.noise_multiplier, config.dpsgd.max_grad_norm),
+            os_entropy_generator(),
+            os_entropy_generator(),
+        )
     built = Setup(model_dir, model, adapter, trainer, clients, eval_clients)
     if config.secure_aggregation.enabled:  # again, now that the cohort and the weights are known
         check_secure_aggregation(config, len(clients), built.max_train_examples)
@@ -133,6 +145,7 @@ def simulate(
     aggregator = make_aggregator(config.server)
     encoding = ClientEncoding(config)
     notes: list[str] = []
+    privacy_steps: dict[str, int] = {}  # DP-SGD: local steps each client has taken on its records
     steps_per_client = fed.local_steps
     if fed.local_epochs is not None:
         mean_train = sum(len(c.train) for c in s.clients) / len(s.clients)
@@ -214,6 +227,10 @@ def simulate(
                 collector.submit(slot, sent, weight, noise)
             updates.append(replace(update, delta=None))  # keep the summary, not O(clients x adapter)
         collected = collector.finish()
+        if config.dpsgd.enabled:
+            privacy_steps.update(
+                {u.client_id: privacy_steps.get(u.client_id, 0) + u.num_steps for u in updates}
+            )
         applied = collected.delta
         privacy_row: dict[str, Any] = {}
         if dp is not None and "secagg_abort" not in collected.metrics:
@@ -244,6 +261,8 @@ def simulate(
             **collected.metrics,
             **privacy_row,
         }
+        if config.dpsgd.enabled:
+            row["dpsgd_epsilon_max"] = _dpsgd_epsilon(config, s, privacy_steps)
         if round_num % config.eval.every == 0 or round_num == fed.rounds:
             after, row["eval_seconds"] = run_eval(round_num)
             row["eval_loss"], row["eval_perplexity"] = after.loss, after.perplexity
@@ -294,6 +313,21 @@ def _privacy(config: Config, s: Setup, cohort: int) -> tuple[Config, ClientLevel
         check_headroom(cohort, spec, plan.distributed)
     resolved = config.model_copy(update={"privacy": plan.resolved(config.privacy)})
     return resolved, ClientLevelDp(plan, os_entropy_generator(), os_entropy_rng())
+
+
+def _dpsgd_epsilon(config: Config, s: Setup, steps: dict[str, int]) -> float:
+    """The largest per-record epsilon any client has spent on its own data so far (DP-SGD)."""
+    sizes = {c.client_id: len(c.train) for c in s.clients}
+    return (
+        max(
+            record_epsilon(
+                sizes[cid], config.train.batch_size, config.dpsgd.noise_multiplier, n, config.dpsgd.delta
+            )
+            for cid, n in steps.items()
+        )
+        if steps
+        else 0.0
+    )
 
 
 def _noise_share(dp: ClientLevelDp) -> Callable[[np.ndarray], np.ndarray]:
