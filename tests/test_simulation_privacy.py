@@ -74,3 +74,47 @@ def test_dpsgd_clients_report_their_per_record_epsilon(tmp_path):
     epsilons = [row["dpsgd_epsilon_max"] for row in result.rows[1:]]
     assert 0 < epsilons[0] <= epsilons[1]
     assert all(row["clients"] == 3 for row in result.rows[1:])
+
+
+def test_poisson_cohorts_are_drawn_as_accounted_and_not_published(tmp_path):
+    config = load_config(
+        None,
+        [
+            *CENTRAL,
+            "privacy.noise_multiplier=1.0",
+            "privacy.sampling='poisson'",
+            "federation.rounds=4",
+            f"run.dir={tmp_path}",
+        ],
+    )
+    result = simulate(config)
+    rows = result.rows[1:]
+    assert all("client_ids" not in row for row in rows)  # who took part is part of the guarantee
+    assert all(0 <= row["selected"] <= 6 for row in rows)
+    fixed = simulate(
+        load_config(
+            None,
+            [
+                *CENTRAL,
+                "privacy.noise_multiplier=1.0",
+                "federation.rounds=4",
+                f"run.dir={tmp_path / 'fixed'}",
+            ],
+        )
+    )
+    assert rows[-1]["epsilon"] < fixed.rows[-1]["epsilon"]  # Poisson amplification is tighter
+
+
+def test_poisson_sampling_with_secure_aggregation_is_refused():
+    from fedtune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"secure_aggregation\.threshold"):
+        load_config(
+            None,
+            [
+                *CENTRAL,
+                "privacy.noise_multiplier=1.0",
+                "privacy.sampling='poisson'",
+                "secure_aggregation.enabled=true",
+            ],
+        )

@@ -230,6 +230,12 @@ def check_secure_aggregation(
             f"server.rule = {rule!r} needs every client's update, but secure aggregation reveals only "
             "their sum; use server.rule = 'fedavg' or set secure_aggregation.enabled = false"
         )
+    if config.privacy.mode != "off" and config.privacy.sampling == "poisson":
+        raise ConfigError(
+            "privacy.sampling = 'poisson' draws a cohort of random size, which can fall below "
+            "secure_aggregation.threshold and abort the round; use privacy.sampling = 'fixed' with "
+            "secure aggregation"
+        )
     cohort = secagg_cohort_bound(config, population)
     if cohort is None:
         return

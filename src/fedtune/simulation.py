@@ -29,6 +29,7 @@ from fedtune.data import ClientData, load_clients
 from fedtune.encoding import ClientEncoding
 from fedtune.evaluate import EvalResult, evaluate
 from fedtune.models import load_base_model, load_tokenizer, resolve_model_dir
+from fedtune.privacy.cohort import poisson_cohort
 from fedtune.privacy.distributed import add_noise_to_payload, check_headroom
 from fedtune.privacy.dpfedavg import ClientLevelDp
 from fedtune.privacy.dpsgd import DpSgdSettings, DpSgdTrainer, check_dpsgd_model, record_epsilon
@@ -146,6 +147,8 @@ def simulate(
     encoding = ClientEncoding(config)
     notes: list[str] = []
     privacy_steps: dict[str, int] = {}  # DP-SGD: local steps each client has taken on its records
+    # under DP the cohort draw is part of the guarantee (sampling amplification): unpredictable, from the OS
+    cohort_rng = os_entropy_rng() if dp is not None else None
     steps_per_client = fed.local_steps
     if fed.local_epochs is not None:
         mean_train = sum(len(c.train) for c in s.clients) / len(s.clients)
@@ -190,7 +193,7 @@ def simulate(
             break
         t_round = time.perf_counter()
         unclipped = 0
-        chosen = sample_clients(len(s.clients), cohort, numpy_rng(seed, "sample", round_num)).tolist()
+        chosen = _sample(len(s.clients), cohort, round_num, seed, dp, cohort_rng)
         collector = _collector(config, s, aggregator, encoding, len(chosen), round_num)
         updates: list[ClientUpdate] = []
         train_seconds = 0.0
@@ -249,7 +252,6 @@ def simulate(
             "round": round_num,
             "clients": collected.clients,
             "selected": len(chosen),
-            "client_ids": [u.client_id for u in updates],
             "failed_clients": [u.client_id for u in updates if not u.ok],
             "failures": {u.client_id: u.error for u in updates if not u.ok},
             "train_loss": _train_loss(updates),
@@ -261,6 +263,8 @@ def simulate(
             **collected.metrics,
             **privacy_row,
         }
+        if dp is None:  # under client-level DP who took part is not published: amplification relies on it
+            row["client_ids"] = [u.client_id for u in updates]
         if config.dpsgd.enabled:
             row["dpsgd_epsilon_max"] = _dpsgd_epsilon(config, s, privacy_steps)
         if round_num % config.eval.every == 0 or round_num == fed.rounds:
@@ -313,6 +317,23 @@ def _privacy(config: Config, s: Setup, cohort: int) -> tuple[Config, ClientLevel
         check_headroom(cohort, spec, plan.distributed)
     resolved = config.model_copy(update={"privacy": plan.resolved(config.privacy)})
     return resolved, ClientLevelDp(plan, os_entropy_generator(), os_entropy_rng())
+
+
+def _sample(
+    population: int,
+    cohort: int,
+    round_num: int,
+    seed: int,
+    dp: ClientLevelDp | None,
+    cohort_rng: np.random.Generator | None,
+) -> list[int]:
+    """The round's cohort: seeded from the run without DP; from the OS with DP, Poisson or fixed size as
+    the accountant assumes."""
+    if dp is None or cohort_rng is None:
+        return sample_clients(population, cohort, numpy_rng(seed, "sample", round_num)).tolist()
+    if dp.plan.sampling.kind == "poisson":
+        return poisson_cohort(population, dp.plan.sampling.probability, cohort_rng).tolist()
+    return sample_clients(population, cohort, cohort_rng).tolist()
 
 
 def _dpsgd_epsilon(config: Config, s: Setup, steps: dict[str, int]) -> float:
