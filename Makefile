@@ -48,6 +48,8 @@ bench: install-dev
 	$(BIN)/python bench/default_run.py
 	$(BIN)/python bench/overhead.py
 	$(BIN)/python bench/secagg.py
+	$(BIN)/python bench/communication.py
+	$(BIN)/python bench/privacy_utility.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache
