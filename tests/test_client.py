@@ -53,3 +53,12 @@ def test_nan_loss_refuses_the_update(trainer, client):
     update = trainer.train(poisoned, client, seed=1, steps=3)
     assert not update.ok and update.delta is None
     assert "non-finite loss at step 0" in (update.error or "")
+
+
+def test_diverged_loss_has_infinite_perplexity_not_an_error():
+    import math
+
+    from fedtune.evaluate import EvalResult
+
+    assert EvalResult({}, 1e4, 1).perplexity == math.inf
+    assert EvalResult({}, 2.0, 1).perplexity == pytest.approx(math.exp(2.0))

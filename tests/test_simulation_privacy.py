@@ -118,3 +118,22 @@ def test_poisson_sampling_with_secure_aggregation_is_refused():
                 "secure_aggregation.enabled=true",
             ],
         )
+
+
+def test_adaptive_clipping_moves_the_clip_norm(tmp_path):
+    config = load_config(
+        None,
+        [
+            *CENTRAL,
+            "privacy.noise_multiplier=0.1",
+            "privacy.adaptive_clipping=true",
+            "privacy.clipped_count_stddev=0.1",  # fraction noise ~0.03 with 3 clients
+            "privacy.clip_l2_norm=0.001",  # far below these updates' norms: every client is clipped
+            f"run.dir={tmp_path}",
+        ],
+    )
+    rows = simulate(config).rows[1:]
+    norms = [row["dp_clip_l2_norm"] for row in rows]
+    assert norms[0] == 0.001
+    assert all(a < b for a, b in pairwise(norms))  # none fits, far below the 0.5 target: C grows
+    assert all(row["dp_unclipped_fraction"] < 0.25 for row in rows)

@@ -11,6 +11,8 @@ from fedtune.config import EvalConfig
 from fedtune.data import ClientData
 from fedtune.data.batching import collate
 
+MAX_EXP_ARG = math.log(1.7e308)  # beyond this math.exp overflows
+
 
 @dataclass(frozen=True)
 class EvalResult:
@@ -20,7 +22,8 @@ class EvalResult:
 
     @property
     def perplexity(self) -> float:
-        return math.exp(self.loss)
+        """exp(loss); infinite for a diverged model rather than an overflow error."""
+        return math.exp(self.loss) if self.loss < MAX_EXP_ARG else math.inf
 
 
 @torch.inference_mode()
