@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -61,6 +62,23 @@ def batch_schedule(
     passes = math.ceil(steps * batch_size / num_examples)
     order = torch.cat([torch.randperm(num_examples, generator=generator) for _ in range(passes)])
     return list(order[: steps * batch_size].view(steps, batch_size))
+
+
+class Trainer(Protocol):
+    """A client's local training: `LocalTrainer`, or `privacy.dpsgd.DpSgdTrainer` for sample-level DP."""
+
+    pad_id: int
+
+    def train(
+        self,
+        global_flat: torch.Tensor,
+        client: ClientData,
+        *,
+        seed: int,
+        steps: int | None = None,
+        epochs: int | None = None,
+        on_step: Callable[[float], None] = ...,
+    ) -> ClientUpdate: ...
 
 
 class LocalTrainer:

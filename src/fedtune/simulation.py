@@ -21,7 +21,7 @@ import torch
 
 from fedtune.adapter import FlatAdapter, attach_lora, save_adapter
 from fedtune.aggregate import Aggregator, make_aggregator
-from fedtune.client import ClientUpdate, LocalTrainer
+from fedtune.client import ClientUpdate, LocalTrainer, Trainer
 from fedtune.collect import Collector, PlainCollector, SecureCollector, secure_threshold
 from fedtune.compress import num_kept, scatter_shared
 from fedtune.config import Config, check_privacy, check_secure_aggregation
@@ -79,7 +79,7 @@ class Setup:
     model_dir: Path
     model: torch.nn.Module
     adapter: FlatAdapter
-    trainer: LocalTrainer | DpSgdTrainer
+    trainer: Trainer
     clients: list[ClientData]
     eval_clients: list[ClientData]
 
@@ -101,7 +101,7 @@ def setup(config: Config, notify: Callable[[str], None]) -> Setup:
         eval_clients = [clients[i] for i in chosen]
     model = attach_lora(load_base_model(model_dir), config.lora, torch_generator(seed, "lora"))
     adapter = FlatAdapter(model)
-    trainer: LocalTrainer | DpSgdTrainer = LocalTrainer(model, adapter, config.train, tokenizer.pad_token_id)
+    trainer: Trainer = LocalTrainer(model, adapter, config.train, tokenizer.pad_token_id)
     if config.dpsgd.enabled:  # sample-level DP on every client: per-example clipping and noise (Opacus)
         check_dpsgd_model(model)
         trainer = DpSgdTrainer(
