@@ -1,23 +1,15 @@
-"""The [privacy] and [dpsgd] sections: refusals with the reason, and the plan a run resolves from them.
-
-Until fedtune.config embeds the sections, `PrivateConfig` adds them to `Config` the way the integration will.
-"""
+"""The [privacy] and [dpsgd] sections: refusals with the reason, and the plan a run resolves from them."""
 
 import pytest
 from pydantic import ValidationError
 
-from fedtune.config import Config, to_toml
+from fedtune.config import Config, to_toml, validate
 from fedtune.errors import ConfigError
-from fedtune.privacy.settings import DpSgdConfig, PrivacyConfig, check_privacy, plan_privacy
+from fedtune.privacy.settings import PrivacyConfig, check_privacy, plan_privacy
 
 
-class PrivateConfig(Config):
-    privacy: PrivacyConfig = PrivacyConfig()
-    dpsgd: DpSgdConfig = DpSgdConfig()
-
-
-def config(**sections) -> PrivateConfig:
-    return PrivateConfig.model_validate(sections)
+def config(**sections) -> Config:
+    return Config.model_validate(sections)
 
 
 @pytest.mark.parametrize(
@@ -59,8 +51,8 @@ def config(**sections) -> PrivateConfig:
     ],
 )
 def test_refusals_name_the_reason(sections, reason):
-    with pytest.raises(ConfigError, match=reason):
-        check_privacy(config(**sections))
+    with pytest.raises(ConfigError, match=reason):  # refused when the config is loaded
+        validate(sections)
 
 
 def test_fields_are_validated_and_typed():
@@ -91,7 +83,7 @@ def test_plan_calibrates_z_and_the_resolved_config_records_it():
     text = to_toml(resolved)
     assert f"noise_multiplier = {plan.noise_multiplier}" in text and "delta = " in text
     assert 'sampling = "poisson"' in text
-    again = plan_privacy(PrivateConfig.model_validate(resolved.model_dump()), population=50, cohort=5)
+    again = plan_privacy(Config.model_validate(resolved.model_dump()), population=50, cohort=5)
     assert again is not None and again.noise_multiplier == plan.noise_multiplier  # both set: z as given
 
 
@@ -135,6 +127,5 @@ def test_central_noise_on_a_secure_sum_keeps_room_for_quantization():
 
 
 def test_dpsgd_on_embeddings_is_refused_at_load():
-    cfg = config(dpsgd={"enabled": True}, lora={"target_modules": ["embed_tokens", "q_proj"]})
     with pytest.raises(ConfigError, match="is an embedding"):
-        check_privacy(cfg)
+        validate({"dpsgd": {"enabled": True}, "lora": {"target_modules": ["embed_tokens", "q_proj"]}})
