@@ -28,11 +28,19 @@ def test_central_dp_reports_growing_epsilon_and_records_the_plan(tmp_path):
 def test_run_stops_before_the_budget_is_exceeded(tmp_path):
     # z = 0.5 spends ~16 per round here: a second round would pass 20
     config = load_config(
-        None, [*CENTRAL, "privacy.noise_multiplier=0.5", "privacy.target_epsilon=20", f"run.dir={tmp_path}"]
+        None,
+        [
+            *CENTRAL,
+            "privacy.noise_multiplier=0.5",
+            "privacy.target_epsilon=20",
+            "eval.every=2",
+            f"run.dir={tmp_path}",
+        ],
     )
     result = simulate(config)
     assert [row["round"] for row in result.rows] == [0, 1]
     assert result.rows[-1]["epsilon"] <= 20
+    assert result.rows[-1]["eval_loss"] == result.after.loss  # the adapter it ends with is evaluated
     assert any("stopped before round 2" in note for note in result.notes)
 
 

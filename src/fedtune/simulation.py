@@ -183,14 +183,18 @@ def simulate(
     observer.round_finished(rows[0])
     after = before
 
-    for round_num in range(1, fed.rounds + 1):
-        if dp is not None and not dp.round_fits_budget(_fewest_noise_shares(config, cohort)):
-            notes.append(
-                f"stopped before round {round_num}: it could spend more than privacy.target_epsilon = "
-                f"{config.privacy.target_epsilon}"
-            )
-            notify(notes[-1])
-            break
+    def budget_stop(next_round: int) -> bool:
+        """True (with a note) when the next round could spend more than privacy.target_epsilon."""
+        if dp is None or dp.round_fits_budget(_fewest_noise_shares(config, cohort)):
+            return False
+        notes.append(
+            f"stopped before round {next_round}: it could spend more than privacy.target_epsilon = "
+            f"{config.privacy.target_epsilon}"
+        )
+        notify(notes[-1])
+        return True
+
+    for round_num in range(1, fed.rounds + 1 if not budget_stop(1) else 1):
         t_round = time.perf_counter()
         unclipped = 0
         chosen = _sample(len(s.clients), cohort, round_num, seed, dp, cohort_rng)
@@ -267,13 +271,16 @@ def simulate(
             row["client_ids"] = [u.client_id for u in updates]
         if config.dpsgd.enabled:
             row["dpsgd_epsilon_max"] = _dpsgd_epsilon(config, s, privacy_steps)
-        if round_num % config.eval.every == 0 or round_num == fed.rounds:
+        last = round_num == fed.rounds or budget_stop(round_num + 1)
+        if round_num % config.eval.every == 0 or last:  # the adapter a run ends with is always evaluated
             after, row["eval_seconds"] = run_eval(round_num)
             row["eval_loss"], row["eval_perplexity"] = after.loss, after.perplexity
         row["seconds"] = time.perf_counter() - t_round
         rows.append(row)
         run_dir.append_metrics(row)
         observer.round_finished(row)
+        if last:
+            break
 
     save_adapter(s.model, s.adapter, global_flat, run_dir.adapter_dir, s.model_dir)
     client_eval = {
