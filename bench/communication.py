@@ -21,6 +21,7 @@ SETTINGS = {
     "none": [],
     "8-bit": ["compression.method='quantize'", "compression.bits=8"],
     "4-bit": ["compression.method='quantize'", "compression.bits=4"],
+    "4-bit/1024": ["compression.method='quantize'", "compression.bits=4", "compression.block_size=1024"],
     "top-k 1% (fp16, EF)": ["compression.method='topk'", "compression.fraction=0.01", "compression.bits=16"],
 }
 
@@ -31,7 +32,7 @@ def main() -> None:
     out = Path("bench/out")
     results = {}
     for name, overrides in SETTINGS.items():
-        run_dir = out / f"communication-{name.split()[0]}"
+        run_dir = out / f"communication-{name.split()[0].replace('/', '-')}"
         result = simulate(load_config(None, [*overrides, *extra, f"run.dir={run_dir}"]))
         rows = result.rows[1:]
         results[name] = {
