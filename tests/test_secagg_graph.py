@@ -28,3 +28,12 @@ def test_graph_depends_on_its_seed_only():
     assert a != neighbour_graph(range(30), 6, bytes([1] * 32))
     assert sorted(shuffled(range(30), bytes(32))) == list(range(30))
     assert neighbour_graph([4, 9], 1) == {4: frozenset({9}), 9: frozenset({4})}
+
+
+def test_config_settings_resolve_to_the_degree_the_graph_has():
+    from fedtune.secagg.graph import resolve_neighbours
+
+    assert resolve_neighbours("all", 8) == 7
+    assert resolve_neighbours("auto", 50) == 12  # 2 * ceil(log2 50)
+    assert resolve_neighbours(3, 9) == 4  # odd k with odd n: the Harary graph needs k + 1
+    assert resolve_neighbours(20, 6) == 5  # capped at n - 1

@@ -20,14 +20,8 @@ from fedtune.aggregate import Aggregator
 from fedtune.compress import decode
 from fedtune.config import SecureAggregationConfig
 from fedtune.privacy.distributed import NoisedSum, decode_noised_sum
-from fedtune.secagg import (
-    SecAggAbort,
-    SecAggRound,
-    Stage,
-    default_neighbours,
-    default_threshold,
-    effective_neighbours,
-)
+from fedtune.secagg import SecAggAbort, SecAggRound, Stage, default_threshold
+from fedtune.secagg.graph import resolve_neighbours
 
 FLOAT32_BYTES = 4
 
@@ -91,8 +85,7 @@ class PlainCollector:
 
 def secure_threshold(cfg: SecureAggregationConfig, cohort: int) -> int:
     """t for a round of `cohort` clients, as `SecAggRound` resolves it."""
-    k = cohort - 1 if cfg.neighbours == "all" else None if cfg.neighbours == "auto" else cfg.neighbours
-    k = effective_neighbours(default_neighbours(cohort) if k is None else k, cohort)
+    k = resolve_neighbours(cfg.neighbours, cohort)
     return default_threshold(k) if cfg.threshold == "auto" else cfg.threshold
 
 
@@ -130,7 +123,7 @@ class SecureCollector:
             max_weight=max_weight,
             rounding_rng=rounding_rng,
             threshold=None if cfg.threshold == "auto" else cfg.threshold,
-            neighbours={"auto": None, "all": cohort - 1}.get(cfg.neighbours, cfg.neighbours),  # type: ignore[arg-type]
+            neighbours=resolve_neighbours(cfg.neighbours, cohort),
             dropouts={stage: set(np.flatnonzero(first == stage).tolist()) for stage in Stage},
             round_id=round_num,
             graph_seed=graph_seed,

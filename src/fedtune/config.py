@@ -222,7 +222,7 @@ def check_secure_aggregation(
 ) -> None:
     """Refuse what secure aggregation cannot do, with the reason (at load, and again with real sizes)."""
     from fedtune.secagg.encoding import check_overflow
-    from fedtune.secagg.graph import default_neighbours, effective_neighbours
+    from fedtune.secagg.graph import resolve_neighbours
 
     sa, rule = config.secure_aggregation, config.server.rule
     if rule != "fedavg":
@@ -244,13 +244,7 @@ def check_secure_aggregation(
             f"secure aggregation needs at least 2 clients per round, and this config has {cohort}; "
             "raise federation.clients_per_round"
         )
-    k = (
-        cohort - 1
-        if sa.neighbours == "all"
-        else effective_neighbours(
-            default_neighbours(cohort) if sa.neighbours == "auto" else sa.neighbours, cohort
-        )
-    )
+    k = resolve_neighbours(sa.neighbours, cohort)
     if sa.threshold != "auto" and not 2 <= sa.threshold <= k + 1:
         raise ConfigError(
             f"secure_aggregation.threshold = {sa.threshold}: allowed 2 to {k + 1} "

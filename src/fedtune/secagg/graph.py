@@ -37,6 +37,15 @@ def effective_neighbours(neighbours: int, num_clients: int) -> int:
     return neighbours
 
 
+def resolve_neighbours(setting: int | str, num_clients: int) -> int:
+    """The degree a config's `neighbours` setting gives a round of `num_clients`: "auto" (2 * ceil(log2 n)),
+    "all" (n - 1, the original SecAgg) or a number, as the graph will really have it."""
+    if setting == "all":
+        return num_clients - 1
+    k = default_neighbours(num_clients) if setting == "auto" else int(setting)
+    return effective_neighbours(k, num_clients)
+
+
 def shuffled(ids: Iterable[int], seed: bytes) -> list[int]:
     """The ids (sorted first) in the uniformly random order that `seed` determines."""
     ordered = sorted(ids)
