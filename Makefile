@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 CONFIG ?=
 ARGS ?=
 
-.PHONY: install install-dev run smoke test lint format bench clean
+.PHONY: install install-dev run smoke test lint format bench clean proto
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,11 @@ bench: install-dev
 	$(BIN)/python bench/secagg.py
 	$(BIN)/python bench/communication.py
 	$(BIN)/python bench/privacy_utility.py
+
+# the wire schema: regenerate after editing proto/fedtune_v1.proto (the generated module is committed)
+proto: install-dev
+	$(BIN)/python -m grpc_tools.protoc -I proto --python_out=src/fedtune/transport \
+		--pyi_out=src/fedtune/transport proto/fedtune_v1.proto
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

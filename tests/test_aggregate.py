@@ -14,6 +14,7 @@ from fedtune.aggregate import (
     weighted_mean,
 )
 from fedtune.config import ServerConfig
+from fedtune.errors import StateError
 
 DELTAS = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 60.0]])
 WEIGHTS = torch.tensor([1.0, 2.0, 1.0])
@@ -91,3 +92,49 @@ def test_fedyogi_second_moment_moves_toward_square():
     opt = ServerAdaptive(lr=0.1, yogi=True)
     opt.step(torch.zeros(1), torch.tensor([2.0]))
     assert opt.v is not None and 0 < float(opt.v) < 4.0
+
+
+@pytest.mark.parametrize(
+    "make_opt",
+    [
+        lambda: ServerSGD(lr=0.7),
+        lambda: ServerMomentum(lr=0.5, momentum=0.9),
+        lambda: ServerAdaptive(lr=0.1),
+        lambda: ServerAdaptive(lr=0.1, yogi=True),
+    ],
+    ids=["sgd", "momentum", "adam", "yogi"],
+)
+def test_server_optimizer_resumes_bit_identically_from_state_dict(make_opt):
+    gen = torch.Generator().manual_seed(3)
+    start = torch.randn(64, generator=gen)
+    deltas = torch.randn(3, 64, generator=gen)
+
+    straight = make_opt()
+    assert straight.state_dict() == {}
+    x = start
+    for d in deltas:
+        x = straight.step(x, d)
+
+    first = make_opt()
+    y = first.step(start, deltas[0])
+    saved = first.state_dict()
+    resumed = make_opt()
+    resumed.load_state_dict(saved)
+    for d in deltas[1:]:
+        y = resumed.step(y, d)
+    assert torch.equal(x, y)
+    assert straight.state_dict().keys() == resumed.state_dict().keys()
+    for key, value in straight.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key])
+
+
+def test_server_optimizer_load_state_dict_names_bad_keys():
+    with pytest.raises(StateError, match="unknown key 'velocity'"):
+        ServerSGD().load_state_dict({"velocity": torch.zeros(2)})
+    with pytest.raises(StateError, match="unknown key 'm'"):
+        ServerMomentum().load_state_dict({"m": torch.zeros(2)})
+    with pytest.raises(StateError, match="missing key 'v'"):
+        ServerAdaptive().load_state_dict({"m": torch.zeros(2)})
+    fresh = ServerAdaptive()
+    fresh.load_state_dict({})
+    assert fresh.m is None and fresh.v is None

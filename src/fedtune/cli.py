@@ -16,12 +16,16 @@ from fedtune.errors import FedtuneError
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console()
 err_console = Console(stderr=True)
+certs_app = typer.Typer(no_args_is_help=True, help="A private CA and per-client certificates for mutual TLS.")
+app.add_typer(certs_app, name="certs")
 
 SetOption = Annotated[
     list[str] | None,
     typer.Option("--set", help="Override a config key: --set federation.rounds=3 (repeatable)."),
 ]
 ConfigArg = Annotated[Path | None, typer.Argument(help="A TOML config file; defaults are used without one.")]
+CertsDirOption = Annotated[Path, typer.Option("--dir", help="Folder with the CA and each party's folder.")]
+DaysOption = Annotated[int, typer.Option(min=1, help="How many days the certificates stay valid.")]
 
 
 def _quiet_libraries() -> None:
@@ -84,6 +88,159 @@ def show_config(config: ConfigArg = None, set_: SetOption = None) -> None:
     from fedtune.config import load_config, to_toml
 
     console.print(to_toml(load_config(config, set_ or [])), markup=False, highlight=False)
+
+
+@certs_app.command("init")
+def certs_init(
+    certs_dir: CertsDirOption = Path("certs"),
+    server_name: Annotated[
+        list[str] | None,
+        typer.Option("--server-name", help="A DNS name clients use to reach the server (repeatable)."),
+    ] = None,
+    server_ip: Annotated[
+        list[str] | None,
+        typer.Option("--server-ip", help="An IP address clients use to reach the server (repeatable)."),
+    ] = None,
+    days: DaysOption = 825,
+) -> None:
+    """Make a new CA and the server's certificate in --dir (default: certs/)."""
+    from fedtune.pki import CA_KEY_FILE, DEFAULT_SERVER_IPS, DEFAULT_SERVER_NAMES, SERVER_DIR, init_ca
+
+    names = server_name or list(DEFAULT_SERVER_NAMES)
+    ips = server_ip or list(DEFAULT_SERVER_IPS)
+    ca_pem = init_ca(certs_dir, server_names=names, server_ips=ips, days=days)
+    server_dir = certs_dir / SERVER_DIR
+    lines = [
+        f"CA certificate: {ca_pem}",
+        f"CA key:         {certs_dir / CA_KEY_FILE}  (keep it here; never hand it out)",
+        f"server folder:  {server_dir}/  (for {', '.join([*names, *ips])})",
+        f"hand {server_dir}/ to the server host as it is",
+        "next: `fedtune certs issue CLIENT_ID` for each site",
+    ]
+    console.print("\n".join(lines), highlight=False, markup=False)
+
+
+@certs_app.command("issue")
+def certs_issue(
+    client_id: Annotated[str, typer.Argument(help="The site's id, e.g. site-01; it becomes the cert's CN.")],
+    certs_dir: CertsDirOption = Path("certs"),
+    days: DaysOption = 825,
+    force: Annotated[bool, typer.Option("--force", help="Replace this client's certificate.")] = False,
+) -> None:
+    """Issue a certificate for CLIENT_ID from the CA in --dir."""
+    from fedtune.pki import issue_client
+
+    folder = issue_client(certs_dir, client_id, days=days, force=force)
+    message = f"hand {folder}/ to site {client_id} as it is (ca.pem, cert.pem, key.pem)"
+    console.print(message, highlight=False, markup=False)
+
+
+@app.command()
+def server(
+    config: ConfigArg = None,
+    set_: SetOption = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the run in run.dir after a stop.")
+    ] = False,
+    unsafe_insecure: Annotated[
+        bool, typer.Option("--unsafe-insecure", help="Plaintext, no client certificates: tests only.")
+    ] = False,
+) -> None:
+    """Coordinate a deployed run: serve gRPC with mutual TLS, run the rounds, keep state in run.dir."""
+    from fedtune.config import load_config
+    from fedtune.deploy.server import serve
+
+    cfg = load_config(config, set_ or [])
+    _quiet_libraries()
+    _log_to_stderr()
+
+    def show(row: dict) -> None:
+        failed = f"  FAILED: {row['round_failed']}" if "round_failed" in row else ""
+        loss = row.get("train_loss")
+        console.print(
+            f"round {row['round']}: {row['clients']}/{row['selected']} updates, "
+            f"stragglers {len(row['stragglers'])}, train loss "
+            f"{'-' if loss is None else f'{loss:.4f}'}, {row['bytes_up'] / 1e6:.2f} MB up{failed}",
+            highlight=False,
+            markup=False,
+        )
+
+    result = serve(
+        cfg,
+        resume=resume,
+        insecure=unsafe_insecure,
+        notify=lambda msg: console.print(f"[dim]{escape(msg)}[/dim]"),
+        on_round=show,
+    )
+    console.print(f"[bold green]done[/] in {result.seconds:.0f}s: adapter {result.run_dir / 'adapter'}")
+
+
+@app.command()
+def client(
+    server: Annotated[str, typer.Option("--server", help="The server's HOST:PORT.")],
+    data: Annotated[Path, typer.Option("--data", help="This site's .jsonl, .csv or .parquet file.")],
+    certs: Annotated[
+        Path | None, typer.Option("--certs", help="This site's folder from `fedtune certs issue`.")
+    ] = None,
+    text_field: Annotated[str, typer.Option(help="The file's text column.")] = "text",
+    give_up_after: Annotated[
+        float, typer.Option(help="Seconds without the server before giving up.")
+    ] = 600.0,
+    unsafe_insecure: Annotated[
+        bool, typer.Option("--unsafe-insecure", help="Plaintext, no certificate: tests only.")
+    ] = False,
+    client_id: Annotated[
+        str | None, typer.Option("--client-id", help="With --unsafe-insecure only: this client's id.")
+    ] = None,
+) -> None:
+    """Take part in a deployed run: connect out to --server, train on --data when selected."""
+    from fedtune.deploy.client import run_client
+    from fedtune.errors import ConfigError
+
+    if unsafe_insecure == (certs is not None):
+        raise ConfigError("pass --certs DIR (mutual TLS), or --unsafe-insecure with --client-id for tests")
+    if certs is not None and client_id is not None:
+        raise ConfigError(
+            "--client-id is for --unsafe-insecure; with --certs the certificate names the client"
+        )
+    _quiet_libraries()
+    _log_to_stderr()
+    result = run_client(
+        server,
+        data,
+        certs=certs,
+        client_id=client_id,
+        text_field=text_field,
+        give_up_after_s=give_up_after,
+        notify=lambda msg: console.print(msg, highlight=False, markup=False),
+    )
+    console.print(f"done: trained in {result.rounds_trained} rounds; {result.reason}")
+
+
+@app.command()
+def status(
+    run_dir: Annotated[Path, typer.Argument(help="A deployed run's directory (holds state.db).")] = Path(
+        "runs/default"
+    ),
+    rounds: Annotated[int, typer.Option(min=1, help="How many recent rounds to show.")] = 10,
+) -> None:
+    """Show a deployed run's rounds, participants, stragglers and refused messages."""
+    from fedtune.deploy.server import STATE_FILE
+    from fedtune.errors import StateError
+    from fedtune.store import Store, status_lines
+
+    path = run_dir / STATE_FILE
+    if not path.is_file():
+        raise StateError(f"no {STATE_FILE} in {run_dir}; pass the run directory of a `fedtune server` run")
+    with Store(path) as store:
+        lines = status_lines(store.rounds(), store.event_counts(), last=rounds)
+    console.print("\n".join(lines), highlight=False, markup=False)
+
+
+def _log_to_stderr() -> None:
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
 
 def main() -> None:

@@ -52,15 +52,22 @@ class Collector(Protocol):
 
 class PlainCollector:
     """Updates in the clear into the aggregator's rule (streaming for FedAvg): a float32 delta, or a
-    compressed payload that the server decodes first, as it would off the wire."""
+    compressed payload that the server decodes first, as it would off the wire. `admit` (a deployed
+    server's) checks or clips each decoded delta before it is aggregated, raising to refuse it."""
 
     def __init__(
-        self, aggregator: Aggregator, cohort: int, adapter_numel: int, shared_seed: bytes | None = None
+        self,
+        aggregator: Aggregator,
+        cohort: int,
+        adapter_numel: int,
+        shared_seed: bytes | None = None,
+        admit: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         self.aggregator = aggregator
         self.admitted: Collection[int] = range(cohort)
         self.numel = adapter_numel
         self.shared_seed = shared_seed
+        self.admit = admit
         self.bytes_up = 0
 
     def submit(
@@ -73,6 +80,8 @@ class PlainCollector:
             update = decode(update, self.numel, seed=self.shared_seed)
         else:
             self.bytes_up += update.numel() * FLOAT32_BYTES
+        if self.admit is not None:
+            update = self.admit(update)
         self.aggregator.add(update, weight)
 
     def finish(self) -> Collected:

@@ -6,6 +6,7 @@ the value given and what is allowed, in one line per problem.
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -134,6 +135,23 @@ class EvalConfig(_Section):
     batch_size: PositiveInt = 8
 
 
+class DeployConfig(_Section):
+    """The gRPC deployment (`fedtune server`): where it listens, who may join, round timing and limits."""
+
+    address: str = Field("127.0.0.1:50051", min_length=3)  # host:port the server listens on
+    certs: Path = Path("certs/server")  # ca.pem, cert.pem, key.pem from `fedtune certs init`
+    clients: list[str] = Field(default_factory=list)  # the allow-list: client ids (certificate subjects)
+    min_clients: PositiveInt | None = None  # fewest updates a round aggregates; default clients_per_round
+    min_connected: PositiveInt | Literal["all"] = "all"  # clients connected before a round starts
+    over_selection: float = Field(0.0, ge=0.0, le=1.0)  # select this much more than clients_per_round
+    round_timeout_s: float = Field(600.0, gt=0.0)  # a round closes then with what has arrived
+    wait_for_clients_s: float = Field(3600.0, gt=0.0)  # how long a round waits for min_connected
+    session_timeout_s: float = Field(60.0, gt=0.0)  # a client not heard from this long is away
+    poll_interval_s: float = Field(1.0, gt=0.0)  # how often an idle client asks for work
+    max_update_mib: float = Field(256.0, gt=0.0)  # refused before allocation when larger
+    chunk_kib: int = Field(1024, ge=1, le=3072)  # streamed message size
+
+
 class Config(_Section):
     """A whole run. Sections mirror the TOML file."""
 
@@ -149,6 +167,7 @@ class Config(_Section):
     privacy: PrivacyConfig = PrivacyConfig()
     dpsgd: DpSgdConfig = DpSgdConfig()
     eval: EvalConfig = EvalConfig()
+    deploy: DeployConfig = DeployConfig()
 
     @model_validator(mode="after")
     def _combinations(self) -> Config:
@@ -178,6 +197,7 @@ class Config(_Section):
             check_compression(self)
         except ConfigError as exc:
             raise ValueError(str(exc)) from None
+        check_deploy_lists(self)
         if data.partition != "natural" and fed.num_clients == "all":
             raise ValueError(
                 f"data.partition = {data.partition!r} needs a number of clients; "
@@ -203,6 +223,68 @@ def check_privacy(config: Config, population: int | None = None) -> None:
     from fedtune.privacy.settings import check_privacy as check
 
     check(config, population)
+
+
+CLIENT_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+
+def check_deploy_lists(config: Config) -> None:
+    """Refuse a malformed allow-list or limits that contradict the federation settings (at load)."""
+    dep, fed = config.deploy, config.federation
+    bad = [c for c in dep.clients if not re.fullmatch(CLIENT_ID_PATTERN, c)]
+    if bad:
+        raise ValueError(
+            f"deploy.clients: {bad[0]!r} is not a client id; use 1-64 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit (the certificate subject from `fedtune certs issue`)"
+        )
+    seen = {c for c in dep.clients if dep.clients.count(c) > 1}
+    if seen:
+        raise ValueError(f"deploy.clients lists {sorted(seen)[0]!r} twice; list each client once")
+    if dep.min_clients is not None and dep.min_clients > fed.clients_per_round:
+        raise ValueError(
+            f"deploy.min_clients = {dep.min_clients} exceeds federation.clients_per_round = "
+            f"{fed.clients_per_round}; a round never aggregates more than clients_per_round updates"
+        )
+
+
+def check_deployment(config: Config) -> None:
+    """Refuse what `fedtune server` cannot run, with the reason (at server start)."""
+    dep, fed = config.deploy, config.federation
+    if not dep.clients:
+        raise ConfigError(
+            "deploy.clients is empty: list the client ids allowed to join, e.g. "
+            "deploy.clients = ['hospital-a', 'hospital-b'] (one certificate each: fedtune certs issue ID)"
+        )
+    if fed.fraction_per_round is not None:
+        raise ConfigError(
+            "federation.fraction_per_round is for simulation; a deployment samples "
+            "federation.clients_per_round clients from deploy.clients: set that instead"
+        )
+    if fed.clients_per_round > len(dep.clients):
+        raise ConfigError(
+            f"federation.clients_per_round = {fed.clients_per_round} exceeds the {len(dep.clients)} "
+            "clients in deploy.clients; lower it or allow more clients"
+        )
+    if isinstance(dep.min_connected, int) and dep.min_connected > len(dep.clients):
+        raise ConfigError(
+            f"deploy.min_connected = {dep.min_connected} exceeds the {len(dep.clients)} clients in "
+            "deploy.clients; lower it or use 'all'"
+        )
+    if config.secure_aggregation.enabled:
+        raise ConfigError(
+            "secure_aggregation.enabled = true is not yet carried over the network (its protocol runs in "
+            "simulation: fedtune run); set secure_aggregation.enabled = false for fedtune server"
+        )
+    if config.privacy.mode != "off" and dep.over_selection > 0:
+        raise ConfigError(
+            f"deploy.over_selection = {dep.over_selection} keeps the fastest clients, which is not the "
+            "uniform sample the privacy accountant assumes; set deploy.over_selection = 0 under privacy"
+        )
+    if config.privacy.mode != "off" and config.privacy.sampling == "poisson":
+        raise ConfigError(
+            "privacy.sampling = 'poisson' is simulated only; "
+            "use privacy.sampling = 'fixed' for fedtune server"
+        )
 
 
 def check_compression(config: Config) -> list[str]:
@@ -319,6 +401,15 @@ def load_config(path: Path | None = None, overrides: list[str] | None = None) ->
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
     return validate(apply_overrides(raw, overrides or []))
+
+
+def load_config_text(text: str, origin: str = "the run's config") -> Config:
+    """A Config from TOML text (a stored or received config), validated like a file."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{origin} is not valid TOML: {exc}") from None
+    return validate(raw)
 
 
 def to_toml(config: Config) -> str:

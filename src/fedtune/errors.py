@@ -15,3 +15,11 @@ class DataError(FedtuneError):
 
 class ModelError(FedtuneError):
     """A model cannot be found or loaded."""
+
+
+class PkiError(FedtuneError):
+    """A certificate or key is missing, invalid, or would be overwritten."""
+
+
+class StateError(FedtuneError):
+    """The server's state file is missing, from another run, or inconsistent."""

@@ -13,6 +13,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -167,10 +168,16 @@ def load_tokenizer(model_dir: Path):
     return tok
 
 
+_LOAD_LOCK = threading.Lock()  # transformers builds models under process-global init contexts
+
+
 def load_base_model(model_dir: Path) -> torch.nn.Module:
-    """The frozen float32 base model, in eval mode."""
+    """The frozen float32 base model, in eval mode (one load at a time per process)."""
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32)
+        with _LOAD_LOCK:
+            model = AutoModelForCausalLM.from_pretrained(
+                model_dir, local_files_only=True, dtype=torch.float32
+            )
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load a causal LM from {str(model_dir)!r}: {exc}") from None
     model.requires_grad_(False)

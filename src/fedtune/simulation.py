@@ -24,21 +24,20 @@ from fedtune.aggregate import Aggregator, make_aggregator
 from fedtune.client import ClientUpdate, LocalTrainer, Trainer
 from fedtune.collect import Collector, PlainCollector, SecureCollector, secure_threshold
 from fedtune.compress import num_kept, scatter_shared
-from fedtune.config import Config, check_privacy, check_secure_aggregation
+from fedtune.config import Config, check_secure_aggregation
 from fedtune.data import ClientData, load_clients
 from fedtune.encoding import ClientEncoding
 from fedtune.evaluate import EvalResult, evaluate
 from fedtune.models import load_base_model, load_tokenizer, resolve_model_dir
 from fedtune.privacy.cohort import poisson_cohort
-from fedtune.privacy.distributed import add_noise_to_payload, check_headroom
-from fedtune.privacy.dpfedavg import ClientLevelDp
+from fedtune.privacy.distributed import add_noise_to_payload
+from fedtune.privacy.dpfedavg import ClientLevelDp, resolve_client_dp
 from fedtune.privacy.dpsgd import DpSgdSettings, DpSgdTrainer, check_dpsgd_model, record_epsilon
 from fedtune.privacy.noise import os_entropy_generator, os_entropy_rng
-from fedtune.privacy.settings import plan_privacy
 from fedtune.report import write_report
 from fedtune.rundir import RunDir
 from fedtune.sampling import clients_per_round, sample_clients
-from fedtune.secagg import FixedPoint, Stage
+from fedtune.secagg import Stage
 from fedtune.seeding import derive_seed, numpy_rng, torch_generator
 
 
@@ -140,7 +139,8 @@ def simulate(
     seed, fed = config.run.seed, config.federation
     s = setup(config, notify)
     cohort = clients_per_round(fed, len(s.clients))
-    config, dp = _privacy(config, s, cohort)  # config now records the resolved noise multiplier and delta
+    # config now records the resolved noise multiplier and delta
+    config, dp = resolve_client_dp(config, len(s.clients), cohort, s.adapter.numel)
     run_dir = RunDir(config.run.resolved_dir)
     run_dir.create(config)
     aggregator = make_aggregator(config.server)
@@ -300,30 +300,6 @@ def simulate(
     )
     _write_report(config, run_dir, result, client_eval)
     return result
-
-
-def _privacy(config: Config, s: Setup, cohort: int) -> tuple[Config, ClientLevelDp | None]:
-    """Resolve `[privacy]` now that sizes are known; the noise generators are seeded from the OS."""
-    if config.privacy.mode == "off":
-        return config, None
-    check_privacy(config, len(s.clients))
-    spec = None
-    if config.secure_aggregation.enabled:
-        sa = config.secure_aggregation
-        spec = FixedPoint(sa.bits, sa.clip_range, 1, cohort)
-    plan = plan_privacy(
-        config,
-        len(s.clients),
-        cohort,
-        adapter_numel=s.adapter.numel,
-        encoding_step=None if spec is None else spec.step,
-    )
-    if plan is None:
-        return config, None
-    if spec is not None and plan.distributed is not None:
-        check_headroom(cohort, spec, plan.distributed)
-    resolved = config.model_copy(update={"privacy": plan.resolved(config.privacy)})
-    return resolved, ClientLevelDp(plan, os_entropy_generator(), os_entropy_rng())
 
 
 def _sample(

@@ -1,23 +1,55 @@
 """Server optimizers: how the aggregated delta moves the global adapter (Reddi et al. 2021, FedOpt).
 
 The aggregated delta is treated as a pseudo-gradient pointing downhill. Plain SGD with lr = 1 is FedAvg.
-Each optimizer keeps its own small state (O(adapter)); none is tied to an aggregation rule.
+Each optimizer keeps its own small state (O(adapter)); none is tied to an aggregation rule. `state_dict`
+holds only the tensors that exist (nothing for SGD or before the first step), so a server restarted from
+a checkpoint continues bit-identically; `load_state_dict` refuses an unknown or missing key.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 
 from fedtune.config import ServerConfig
+from fedtune.errors import StateError
 
 
 class ServerOptimizer(Protocol):
     def step(self, global_flat: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         """The new global adapter, given the current one and the aggregated delta."""
         ...
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The optimizer's tensors that exist so far; empty when there are none."""
+        ...
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Restore what `state_dict` returned; StateError on an unknown or missing key."""
+        ...
+
+
+def _checked(state: Mapping[str, torch.Tensor], owner: str, keys: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """`state` as copies, if it holds either nothing (before the first step) or exactly `keys`."""
+    unknown = sorted(set(state) - set(keys))
+    if unknown:
+        raise StateError(
+            f"{owner} state has unknown key {unknown[0]!r} (expected {list(keys) or 'none'}): the state "
+            "file was written for another server optimizer; keep server.optimizer as it was for this run"
+        )
+    missing = [k for k in keys if k not in state]
+    if state and missing:
+        raise StateError(
+            f"{owner} state is missing key {missing[0]!r}: the state file is corrupt; restore it or start "
+            "a new run.dir"
+        )
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise StateError(f"{owner} state key {key!r} is not a tensor: the state file is corrupt")
+    return {k: v.detach().clone() for k, v in state.items()}
 
 
 @dataclass
@@ -26,6 +58,12 @@ class ServerSGD:
 
     def step(self, global_flat: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         return global_flat + self.lr * delta
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        _checked(state, "ServerSGD", ())
 
 
 @dataclass
@@ -41,6 +79,12 @@ class ServerMomentum:
             self.velocity = torch.zeros_like(delta)
         self.velocity = self.momentum * self.velocity + delta
         return global_flat + self.lr * self.velocity
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {} if self.velocity is None else {"velocity": self.velocity.detach().clone()}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        self.velocity = _checked(state, "ServerMomentum", ("velocity",)).get("velocity")
 
 
 @dataclass
@@ -66,6 +110,15 @@ class ServerAdaptive:
         else:
             self.v = self.beta2 * self.v + (1 - self.beta2) * sq
         return global_flat + self.lr * self.m / (self.v.sqrt() + self.eps)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        if self.m is None or self.v is None:
+            return {}
+        return {"m": self.m.detach().clone(), "v": self.v.detach().clone()}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        loaded = _checked(state, "ServerAdaptive", ("m", "v"))
+        self.m, self.v = loaded.get("m"), loaded.get("v")
 
 
 def make_server_optimizer(cfg: ServerConfig) -> ServerOptimizer:

@@ -19,7 +19,7 @@ into a checkpoint; `from_state_dict` resumes with the same epsilon.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -29,6 +29,9 @@ from fedtune.privacy.adaptive import ClipState, next_clip, noised_unclipped_frac
 from fedtune.privacy.clip import clip_l2
 from fedtune.privacy.noise import gaussian
 from fedtune.privacy.settings import PrivacyPlan
+
+if TYPE_CHECKING:
+    from fedtune.config import Config
 
 
 class ClientLevelDp:
@@ -132,3 +135,38 @@ class ClientLevelDp:
             accountant=Accountant.from_state_dict(state["accountant"]),
             clip_state=ClipState(float(state["clip_l2_norm"])),
         )
+
+
+def resolve_client_dp(
+    config: Config, population: int, cohort: int, adapter_numel: int, state: dict[str, Any] | None = None
+) -> tuple[Config, ClientLevelDp | None]:
+    """Resolve `[privacy]` once sizes are known: the config recording z and delta, and the run's DP state
+    (resumed from a checkpoint's `state`). Noise generators are seeded from the OS, never the run seed."""
+    from fedtune.config import check_privacy
+    from fedtune.privacy.distributed import check_headroom
+    from fedtune.privacy.noise import os_entropy_generator, os_entropy_rng
+    from fedtune.privacy.settings import plan_privacy
+    from fedtune.secagg import FixedPoint
+
+    if config.privacy.mode == "off":
+        return config, None
+    check_privacy(config, population)
+    spec = None
+    if config.secure_aggregation.enabled:
+        sa = config.secure_aggregation
+        spec = FixedPoint(sa.bits, sa.clip_range, 1, cohort)
+    plan = plan_privacy(
+        config,
+        population,
+        cohort,
+        adapter_numel=adapter_numel,
+        encoding_step=None if spec is None else spec.step,
+    )
+    if plan is None:
+        return config, None
+    if spec is not None and plan.distributed is not None:
+        check_headroom(cohort, spec, plan.distributed)
+    resolved = config.model_copy(update={"privacy": plan.resolved(config.privacy)})
+    if state is not None:
+        return resolved, ClientLevelDp.from_state_dict(plan, state, os_entropy_generator(), os_entropy_rng())
+    return resolved, ClientLevelDp(plan, os_entropy_generator(), os_entropy_rng())

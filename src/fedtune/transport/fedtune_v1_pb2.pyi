@@ -1,0 +1,132 @@
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Encoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ENCODING_UNSPECIFIED: _ClassVar[Encoding]
+    ENCODING_FLOAT32: _ClassVar[Encoding]
+    ENCODING_PAYLOAD: _ClassVar[Encoding]
+    ENCODING_REFUSED: _ClassVar[Encoding]
+ENCODING_UNSPECIFIED: Encoding
+ENCODING_FLOAT32: Encoding
+ENCODING_PAYLOAD: Encoding
+ENCODING_REFUSED: Encoding
+
+class JoinRequest(_message.Message):
+    __slots__ = ("protocol_version", "client_id", "num_examples")
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    protocol_version: int
+    client_id: str
+    num_examples: int
+    def __init__(self, protocol_version: _Optional[int] = ..., client_id: _Optional[str] = ..., num_examples: _Optional[int] = ...) -> None: ...
+
+class JoinReply(_message.Message):
+    __slots__ = ("protocol_version", "session", "config_toml")
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_TOML_FIELD_NUMBER: _ClassVar[int]
+    protocol_version: int
+    session: bytes
+    config_toml: str
+    def __init__(self, protocol_version: _Optional[int] = ..., session: _Optional[bytes] = ..., config_toml: _Optional[str] = ...) -> None: ...
+
+class TaskRequest(_message.Message):
+    __slots__ = ("session",)
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    session: bytes
+    def __init__(self, session: _Optional[bytes] = ...) -> None: ...
+
+class Task(_message.Message):
+    __slots__ = ("round", "nonce", "client_index", "adapter_numel", "clip_l2_norm", "shared_seed", "deadline_s")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_INDEX_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_NUMEL_FIELD_NUMBER: _ClassVar[int]
+    CLIP_L2_NORM_FIELD_NUMBER: _ClassVar[int]
+    SHARED_SEED_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_S_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    nonce: bytes
+    client_index: int
+    adapter_numel: int
+    clip_l2_norm: float
+    shared_seed: bytes
+    deadline_s: float
+    def __init__(self, round: _Optional[int] = ..., nonce: _Optional[bytes] = ..., client_index: _Optional[int] = ..., adapter_numel: _Optional[int] = ..., clip_l2_norm: _Optional[float] = ..., shared_seed: _Optional[bytes] = ..., deadline_s: _Optional[float] = ...) -> None: ...
+
+class Wait(_message.Message):
+    __slots__ = ("retry_after_ms", "reason")
+    RETRY_AFTER_MS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    retry_after_ms: int
+    reason: str
+    def __init__(self, retry_after_ms: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class Done(_message.Message):
+    __slots__ = ("reason",)
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    reason: str
+    def __init__(self, reason: _Optional[str] = ...) -> None: ...
+
+class TaskReply(_message.Message):
+    __slots__ = ("task", "adapter_chunk", "wait", "done")
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_CHUNK_FIELD_NUMBER: _ClassVar[int]
+    WAIT_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    task: Task
+    adapter_chunk: bytes
+    wait: Wait
+    done: Done
+    def __init__(self, task: _Optional[_Union[Task, _Mapping]] = ..., adapter_chunk: _Optional[bytes] = ..., wait: _Optional[_Union[Wait, _Mapping]] = ..., done: _Optional[_Union[Done, _Mapping]] = ...) -> None: ...
+
+class UpdateHeader(_message.Message):
+    __slots__ = ("session", "round", "nonce", "encoding", "total_bytes", "num_examples", "num_steps", "train_loss", "error", "fits_clip", "eval_loss", "eval_examples")
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    ENCODING_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    NUM_STEPS_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_LOSS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    FITS_CLIP_FIELD_NUMBER: _ClassVar[int]
+    EVAL_LOSS_FIELD_NUMBER: _ClassVar[int]
+    EVAL_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    session: bytes
+    round: int
+    nonce: bytes
+    encoding: Encoding
+    total_bytes: int
+    num_examples: int
+    num_steps: int
+    train_loss: float
+    error: str
+    fits_clip: bool
+    eval_loss: float
+    eval_examples: int
+    def __init__(self, session: _Optional[bytes] = ..., round: _Optional[int] = ..., nonce: _Optional[bytes] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., total_bytes: _Optional[int] = ..., num_examples: _Optional[int] = ..., num_steps: _Optional[int] = ..., train_loss: _Optional[float] = ..., error: _Optional[str] = ..., fits_clip: _Optional[bool] = ..., eval_loss: _Optional[float] = ..., eval_examples: _Optional[int] = ...) -> None: ...
+
+class UpdateChunk(_message.Message):
+    __slots__ = ("header", "data")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    header: UpdateHeader
+    data: bytes
+    def __init__(self, header: _Optional[_Union[UpdateHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class SubmitReply(_message.Message):
+    __slots__ = ("accepted", "detail")
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    accepted: bool
+    detail: str
+    def __init__(self, accepted: _Optional[bool] = ..., detail: _Optional[str] = ...) -> None: ...
