@@ -125,6 +125,8 @@ class Site:
 
     def __init__(self, config: Config, data_path: Path, text_field: str, client_id: str) -> None:
         self.config = config
+        if config.run.threads is not None:
+            torch.set_num_threads(config.run.threads)
         model_dir = resolve_model_dir(config.model.name)
         tokenizer = load_tokenizer(model_dir)
         self.data = load_site_data(data_path, text_field, config, client_id, tokenizer)

@@ -236,6 +236,7 @@ class Coordinator:
     ) -> bool:
         """Hand one update to the round's sink (None: the client refused its own update). Checked again
         under the lock, so two copies of one submission cannot both land. False if the round is full."""
+        invalid: WireError | None = None
         with self._lock:
             a = self.check_submission(session, round_num, nonce)
             r = self._round
@@ -254,13 +255,16 @@ class Coordinator:
                 except Exception as exc:  # a payload that does not decode, a non-finite value...
                     a.status = REFUSED
                     r.refused.append(replace(report, error=str(exc)))
-                    self._lock.notify_all()
-                    raise WireError("invalid_update", str(exc)) from None
-                a.status = SUBMITTED
-                r.accepted.append(report)
-                status, ok = SUBMITTED, True
+                    invalid = WireError("invalid_update", str(exc))
+                    status, ok = REFUSED, False
+                else:
+                    a.status = SUBMITTED
+                    r.accepted.append(report)
+                    status, ok = SUBMITTED, True
             self._lock.notify_all()
-        self.on_status(round_num, session.client_id, status)
+        self.on_status(round_num, session.client_id, status)  # a refused update too: no longer "sent"
+        if invalid is not None:
+            raise invalid
         return ok
 
     # ---- round loop side ------------------------------------------------------------------------------
@@ -290,7 +294,6 @@ class Coordinator:
             for slot, c in enumerate(cohort)
         }
         with self._lock:
-            self._refusals.clear()
             self._round = OpenRound(task, target, sink, assignments)
             self._lock.notify_all()
 
@@ -326,6 +329,7 @@ class Coordinator:
                 r.bytes_down,
                 dict(self._refusals),
             )
+            self._refusals.clear()  # the next round counts from here, its wait for clients included
         for c in stragglers:
             self.on_status(outcome.round_num, c, STRAGGLER)
         return outcome

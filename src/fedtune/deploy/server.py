@@ -127,6 +127,8 @@ def _serve(
     started: float,
 ) -> ServerResult:
     check_deployment(config)
+    if config.run.threads is not None:
+        torch.set_num_threads(config.run.threads)
     fed, dep, seed = config.federation, config.deploy, config.run.seed
     population = sorted(dep.clients)
     model_dir = resolve_model_dir(config.model.name, notify)

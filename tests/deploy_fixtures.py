@@ -1,0 +1,110 @@
+"""Shared set-up for the deployment tests: a CA with client certificates, one data file per site, a config
+for the tiny model, and a server running in a thread on a loopback port chosen by the OS."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedtune.config import Config, load_config
+from fedtune.pki import init_ca, issue_client
+
+SITES = ("site-a", "site-b", "site-c")
+
+
+def make_certs(root: Path, sites: Sequence[str] = SITES) -> Path:
+    certs = root / "certs"
+    init_ca(certs)
+    for site in sites:
+        issue_client(certs, site)
+    return certs
+
+
+def make_site_data(root: Path, sites: Sequence[str] = SITES, examples: int = 24) -> dict[str, Path]:
+    """One JSONL file per site with distinct, short texts."""
+    paths = {}
+    for k, site in enumerate(sites):
+        path = root / f"{site}.jsonl"
+        lines = [
+            json.dumps({"text": f"{site} says line {i}: to be or not to be, {k * 7 + i}"})
+            for i in range(examples)
+        ]
+        path.write_text("\n".join(lines) + "\n")
+        paths[site] = path
+    return paths
+
+
+def deploy_config(root: Path, certs: Path, sites: Sequence[str] = SITES, *overrides: str) -> Config:
+    return load_config(
+        None,
+        [
+            "model.name=tiny",
+            f"run.dir='{root / 'run'}'",
+            "run.threads=1",
+            "federation.rounds=2",
+            f"federation.clients_per_round={len(sites)}",
+            "federation.local_steps=2",
+            "lora.target_modules=['q_proj', 'v_proj']",
+            f"deploy.clients={json.dumps(list(sites))}",
+            "deploy.address='127.0.0.1:0'",
+            f"deploy.certs='{certs / 'server'}'",
+            "deploy.poll_interval_s=0.05",
+            "deploy.round_timeout_s=60",
+            "deploy.wait_for_clients_s=60",
+            *overrides,
+        ],
+    )
+
+
+@dataclass
+class RunningServer:
+    port: int
+    thread: threading.Thread
+    stop: threading.Event
+    result: dict[str, Any] = field(default_factory=dict)
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def target(self) -> str:
+        return f"localhost:{self.port}"
+
+
+@contextmanager
+def running_server(
+    config: Config, *, insecure: bool = False, resume: bool = False
+) -> Iterator[RunningServer]:
+    """`fedtune.deploy.server.serve` in a thread; stopped (and joined) on exit."""
+    from fedtune.deploy.server import serve
+
+    port: list[int] = []
+    stop = threading.Event()
+    holder: dict[str, Any] = {}
+    rows: list[dict[str, Any]] = []
+
+    def target() -> None:
+        try:
+            holder["result"] = serve(
+                config, resume=resume, insecure=insecure, stop=stop, bound_port=port, on_round=rows.append
+            )
+        except BaseException as exc:  # surfaced by the test through `result["error"]`
+            holder["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not port and "error" not in holder and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if "error" in holder:
+        raise holder["error"]
+    running = RunningServer(port[0], thread, stop, holder, rows)
+    try:
+        yield running
+    finally:
+        stop.set()
+        thread.join(timeout=30)
