@@ -6,7 +6,7 @@ tests do not disturb each other:
 - site-a: the submission checks, then one correct update and its replay;
 - site-b: a live session that is never given a task (duplicate joins);
 - site-c: an update whose payload does not decode (which uses up its task);
-- site-d: the fuzz target; site-e: the join that proves the server survived the fuzzing.
+- site-d, site-f, site-g: the fuzzing; site-e: the join that proves the server survived it.
 The last test closes the round and checks the round's `refused_messages` against the recorded events.
 TLS refusals happen in the handshake, before any handler runs: they cannot be recorded, and are checked to
 reach no handler.
@@ -37,7 +37,8 @@ from fedtune.transport import fedtune_v1_pb2 as pb
 from fedtune.transport.wire import PROTOCOL_VERSION, SERVICE, float32_bytes
 from tests.deploy_fixtures import RunningServer, deploy_config, make_certs, running_server
 
-SITES = ("site-a", "site-b", "site-c", "site-d", "site-e")
+SITES = ("site-a", "site-b", "site-c", "site-d", "site-e", "site-f", "site-g")
+FUZZ_SITES = ("site-d", "site-f", "site-g")  # a task each: a fuzzed update that is taken uses one up
 TIMEOUT_S = 20.0
 GARBAGE = b"\x0a\x7f\x00"  # field 1, length 127, one byte present: no message type parses it
 Code = grpc.StatusCode
@@ -508,27 +509,71 @@ REFUSAL_CODES = {
 }
 
 
+Build = Callable[["FuzzTarget"], bytes]  # a fuzzed message, made when it is sent
+
+
+@dataclass
+class FuzzTarget:
+    """The fuzzing site of the moment. A fuzzed update that is taken (or refused after decoding) uses up
+    that site's task; the next site's then keeps the fuzzing past the nonce check."""
+
+    fed: Federation
+    sites: list[str]
+
+    @property
+    def site(self) -> str:
+        return self.sites[0]
+
+    def fields(self) -> dict[str, Any]:
+        return update_fields(self.fed, self.site)
+
+    def template(self, method: str) -> bytes:
+        if method == "Join":
+            return join_request(self.site)
+        if method == "GetTask":
+            return task_request(self.fed.session(self.site))
+        return header_chunk(**self.fields())
+
+    def used_up(self) -> None:
+        if len(self.sites) > 1:
+            self.sites.pop(0)
+
+
 @st.composite
-def mutated(draw: st.DrawFn, template: bytes) -> bytes:
-    """`template` with a few bytes flipped, inserted or deleted."""
-    data = bytearray(template)
-    for _ in range(draw(st.integers(1, 4))):
-        op = draw(st.sampled_from(["flip", "insert", "delete"]))
-        if op == "insert":
-            at = draw(st.integers(0, len(data)))
-            data[at:at] = draw(st.binary(min_size=1, max_size=4))
-        elif data:
-            at = draw(st.integers(0, len(data) - 1))
-            if op == "flip":
-                data[at] ^= 1 << draw(st.integers(0, 7))
-            else:
-                del data[at]
-    return bytes(data)
+def byte_mutation(draw: st.DrawFn, method: str) -> Build:
+    """The method's valid message with one to three bytes flipped, inserted or deleted."""
+    ops = draw(
+        st.lists(
+            st.tuples(
+                st.sampled_from(["flip", "insert", "delete"]),
+                st.integers(0, 2**16),
+                st.integers(0, 7),
+                st.binary(min_size=1, max_size=4),
+            ),
+            min_size=1,
+            max_size=3,
+        )
+    )
+
+    def build(target: FuzzTarget) -> bytes:
+        data = bytearray(target.template(method))
+        for op, at, bit, extra in ops:
+            if op == "insert":
+                at %= len(data) + 1
+                data[at:at] = extra
+            elif data:
+                at %= len(data)
+                if op == "flip":
+                    data[at] ^= 1 << bit
+                else:
+                    del data[at]
+        return bytes(data)
+
+    return build
 
 
-def header_variants(fields: dict[str, Any]) -> st.SearchStrategy[bytes]:
+def header_change(numel: int) -> st.SearchStrategy[Build]:
     """A correct update header with one to three fields replaced, by edge values or random ones."""
-    numel = fields["total_bytes"] // 4
     values: dict[str, st.SearchStrategy[Any]] = {
         "session": st.one_of(st.just(b""), st.binary(min_size=16, max_size=16), st.binary(max_size=40)),
         "round": st.one_of(st.sampled_from([0, 2, 2**64 - 1]), st.integers(0, 2**64 - 1)),
@@ -546,56 +591,77 @@ def header_variants(fields: dict[str, Any]) -> st.SearchStrategy[bytes]:
         "error": st.text(max_size=8),
         "fits_clip": st.booleans(),
     }
+    names = st.lists(st.sampled_from(sorted(values)), min_size=1, max_size=3, unique=True)
+    changes = names.flatmap(lambda chosen: st.fixed_dictionaries({name: values[name] for name in chosen}))
+    return changes.map(lambda changed: lambda target: header_chunk(**(target.fields() | changed)))
 
-    @st.composite
-    def variant(draw: st.DrawFn) -> bytes:
-        names = draw(st.lists(st.sampled_from(sorted(values)), min_size=1, max_size=3, unique=True))
-        changed = fields | {name: draw(values[name]) for name in names}
-        return header_chunk(**changed)
 
-    return variant()
+def join_change() -> st.SearchStrategy[Build]:
+    """A Join with a fuzzed version, claimed identity (the site's, none, another's, any) and size."""
+    ids = st.one_of(st.sampled_from(["", "site-b", "site-z", "SITE-D"]), st.none(), st.text(max_size=70))
+    versions = st.one_of(st.just(PROTOCOL_VERSION), st.integers(0, 2**32 - 1))
+    sizes = st.one_of(st.sampled_from([0, 2**64 - 1]), st.integers(0, 2**64 - 1))
+
+    def build(version: int, claimed: str | None, size: int) -> Build:
+        return lambda target: join_request(target.site if claimed is None else claimed, version, size)
+
+    return st.builds(build, versions, ids, sizes)
+
+
+def task_change() -> st.SearchStrategy[Build]:
+    """A TaskRequest with the site's session, none, or other bytes."""
+    other = st.one_of(st.just(b""), st.binary(min_size=16, max_size=16), st.binary(max_size=40))
+    return st.one_of(
+        st.just(lambda target: task_request(target.fed.session(target.site))),
+        other.map(lambda session: lambda _target: task_request(session)),
+    )
+
+
+def fixed(raw: bytes) -> Build:
+    return lambda _target: raw
 
 
 def test_fuzzed_messages_are_answered_or_refused_and_the_server_stays_up(fed):
     """Random bytes, byte-mutated messages and field-mutated update headers to every method: each call is
     answered or refused with a status a peer's mistake deserves (never INTERNAL or UNKNOWN), each refusal
     is recorded once, and the server keeps serving."""
-    site = "site-d"
-    stub = fed.stub(site)
-    fields = update_fields(fed, site)
-    templates = {
-        "Join": join_request(site),
-        "GetTask": task_request(fed.session(site)),
-        "SubmitUpdate": header_chunk(**fields),
+    target = FuzzTarget(fed, list(FUZZ_SITES))
+    numel = fed.task(target.site)[0].adapter_numel
+    for site in FUZZ_SITES:
+        fed.task(site)  # every fuzzing site holds its task
+    good = zeros(fed, target.site)
+    fields = {"Join": join_change(), "GetTask": task_change(), "SubmitUpdate": header_change(numel)}
+    firsts = {
+        method: st.one_of(st.binary(max_size=48).map(fixed), byte_mutation(method), changed, changed)
+        for method, changed in fields.items()
     }
-    firsts = {method: st.one_of(st.binary(max_size=48), mutated(raw)) for method, raw in templates.items()}
-    firsts["SubmitUpdate"] = st.one_of(
-        firsts["SubmitUpdate"], header_variants(fields), header_variants(fields)
-    )
-    good = zeros(fed, site)
     data_chunks = st.one_of(
         st.just(data_chunk(good)),
-        st.just(data_chunk(with_value(fed, site, 3, np.nan))),
-        st.builds(lambda cut: data_chunk(good[:cut]), st.integers(0, len(good))),
+        st.just(data_chunk(with_value(fed, target.site, 3, np.nan))),
+        st.integers(0, len(good)).map(lambda cut: data_chunk(good[:cut])),
         st.binary(max_size=24),
-        mutated(data_chunk(b"\x00" * 8)),
+        st.binary(max_size=8).map(data_chunk),
     )
-    refusals = {"count": 0}
+    refusals: dict[str, int] = {}
     before = fed.events()
 
-    def call(method: str, messages: list[bytes]) -> grpc.StatusCode:
+    def call(method: str, messages: list[bytes]) -> None:
+        stub = fed.stub(target.site)
         try:
             if method == "Join":
-                stub.join(messages[0], timeout=TIMEOUT_S)
+                reply = pb.JoinReply.FromString(stub.join(messages[0], timeout=TIMEOUT_S))
+                fed.sessions[target.site] = reply.session  # a restarted client's join takes over the task
             elif method == "GetTask":
                 list(stub.get_task(messages[0], timeout=TIMEOUT_S))
             else:
                 stub.submit(iter(messages), timeout=TIMEOUT_S)
+                target.used_up()
         except grpc.RpcError as error:
             assert error.code() in REFUSAL_CODES, (method, messages, error.code(), error.details())
-            refusals["count"] += 1
-            return error.code()
-        return Code.OK
+            kind = error.details().split(":", 1)[0]
+            refusals[kind] = refusals.get(kind, 0) + 1
+            if kind == "invalid_update":
+                target.used_up()
 
     @settings(
         max_examples=200,
@@ -606,18 +672,22 @@ def test_fuzzed_messages_are_answered_or_refused_and_the_server_stays_up(fed):
     )
     @given(st.data())
     def fuzz(data: st.DataObject) -> None:
-        method = data.draw(st.sampled_from(sorted(templates)))
-        messages = [data.draw(firsts[method])]
+        method = data.draw(st.sampled_from(sorted(firsts)))
+        messages = [data.draw(firsts[method])(target)]
         if method == "SubmitUpdate":
             messages += data.draw(st.lists(data_chunks, max_size=2))
         call(method, messages)
 
     fuzz()
     after = fed.events()
-    print("FUZZ", refusals, {k: after.get(k, 0) - before.get(k, 0) for k in after})
-    assert refusals["count"] > 50  # the fuzzing reached the checks, not only the happy path
-    assert sum(after.values()) - sum(before.values()) == refusals["count"]  # each refusal recorded once
-    assert f"{REFUSED_EVENT_PREFIX}_internal" not in after
+    recorded = {
+        k.removeprefix(f"{REFUSED_EVENT_PREFIX}_"): after[k] - before.get(k, 0)
+        for k in after
+        if after[k] > before.get(k, 0)
+    }
+    assert recorded == refusals  # every refusal recorded once, under the kind the peer was told
+    assert "internal" not in after
+    assert sum(refusals.values()) > 100  # the fuzzing reached the checks, not only the happy path
     assert fed.server.thread.is_alive()
     fed.session("site-e")  # a well-formed join still succeeds
 
@@ -626,8 +696,9 @@ def test_fuzzed_messages_are_answered_or_refused_and_the_server_stays_up(fed):
 
 
 def test_the_round_counts_every_refused_message(fed):
-    """Answer every task still out (as a refused update), so the round closes and the run ends; its metrics
-    row counts exactly the refusals recorded in SQLite, including the one made before the round opened."""
+    """Answer every task still out (site-a's with an update, the others' refused by the client), so the
+    round closes and the run ends; its metrics row counts exactly the refusals recorded in SQLite, the one
+    made before the round opened included."""
     (round_1,) = [r for r in fed.store.rounds() if r.round_num == 1]
     waiting = [p.client_id for p in round_1.participants if p.status in ("selected", "sent")]
     for site in waiting:
@@ -637,18 +708,30 @@ def test_the_round_counts_every_refused_message(fed):
             assert error.code() == Code.UNAUTHENTICATED
             fed.session(site, again=True)
         fed.tasks.pop(site, None)
-        fields = update_fields(
-            fed, site, encoding=pb.ENCODING_REFUSED, total_bytes=0, num_examples=0, error="closing the round"
-        )
-        assert submit(fed.stub(site), [header_chunk(**fields)]).accepted
+        if site == A:
+            sent = [header_chunk(**update_fields(fed, A)), data_chunk(zeros(fed, A))]
+        else:
+            refusal = {
+                "encoding": pb.ENCODING_REFUSED,
+                "total_bytes": 0,
+                "num_examples": 0,
+                "error": "closing",
+            }
+            sent = [header_chunk(**update_fields(fed, site, **refusal))]
+        assert submit(fed.stub(site), sent).accepted
     fed.server.thread.join(timeout=60)
     assert not fed.server.thread.is_alive()
     assert "error" not in fed.server.result, fed.server.result.get("error")
     (row,) = fed.server.rows
     assert row["round"] == 1 and "round_failed" not in row
     assert A in row["client_ids"]
-    assert {"site-c", *waiting} <= set(row["failed_clients"])
+    assert {"site-c", *(c for c in waiting if c != A)} <= set(row["failed_clients"])
+    assert row["failures"]["site-c"].startswith("not a version-1 fedtune update payload")
     events = fed.events()
-    assert set(events) == {k for k in events if k.startswith(f"{REFUSED_EVENT_PREFIX}_")}
-    recorded = {k.removeprefix(f"{REFUSED_EVENT_PREFIX}_"): n for k, n in events.items()}
+    assert all(kind.startswith(f"{REFUSED_EVENT_PREFIX}_") for kind in events)
+    recorded = {kind.removeprefix(f"{REFUSED_EVENT_PREFIX}_"): n for kind, n in events.items()}
     assert row["refused_messages"] == recorded
+    assert recorded["wrong_version"] >= 1  # at least the fixture's, sent before the round opened
+    statuses = {p.client_id: p.status for p in fed.store.rounds()[-1].participants}
+    assert statuses[A] == "submitted" and statuses["site-c"] == "refused"
+    assert not {"selected", "sent"} & set(statuses.values())

@@ -41,7 +41,13 @@ from fedtune.transport.tls import channel_credentials, warn_insecure
 from fedtune.transport.wire import PROTOCOL_VERSION, SERVICE, chunked, float32_bytes, float32_values
 
 log = logging.getLogger("fedtune.client")
-RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ALREADY_EXISTS}
+# the server is away, restarting (CANCELLED: it shut down mid-call), or still holds our old session
+RETRYABLE = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.ALREADY_EXISTS,
+}
 CALL_TIMEOUT_S = 120.0
 MAX_CHUNK_BYTES = 3072 * 1024  # the largest deploy.chunk_kib a server may use
 
@@ -61,7 +67,7 @@ class Backoff:
     """Exponential backoff with full jitter, capped; `give_up_after_s` of continuous failure ends it."""
 
     initial_s: float = 0.2
-    max_s: float = 10.0
+    max_s: float = 5.0
     give_up_after_s: float = 600.0
     _failing_since: float | None = None
     _attempt: int = 0
