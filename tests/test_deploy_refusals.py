@@ -726,7 +726,8 @@ def test_the_round_counts_every_refused_message(fed):
     assert row["round"] == 1 and "round_failed" not in row
     assert A in row["client_ids"]
     assert {"site-c", *(c for c in waiting if c != A)} <= set(row["failed_clients"])
-    assert row["failures"]["site-c"].startswith("not a version-1 fedtune update payload")
+    if "site-c" not in waiting:  # its payload was refused for not decoding: the reason is kept
+        assert row["failures"]["site-c"].startswith("not a version-1 fedtune update payload")
     events = fed.events()
     assert all(kind.startswith(f"{REFUSED_EVENT_PREFIX}_") for kind in events)
     recorded = {kind.removeprefix(f"{REFUSED_EVENT_PREFIX}_"): n for kind, n in events.items()}

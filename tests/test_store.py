@@ -98,7 +98,7 @@ def test_unopened_or_finished_rounds_are_refused(path):
             store.finish_round(4, {}, None)
         with pytest.raises(StateError, match="already finished"):
             store.open_round(4, ["c0"])
-        assert store.rounds()[0].metrics == {"submitted": 0, "failure_reason": "too few clients"}
+        assert store.rounds()[0].metrics == {"submitted": 0, "round_failed": "too few clients"}
         assert store.completed_rounds() == 4
 
 

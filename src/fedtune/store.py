@@ -255,21 +255,27 @@ class Store:
 
     def finish_round(self, round_num: int, metrics: dict[str, Any], checkpoint: Checkpoint | None) -> None:
         """Mark the round done with its metrics and, when given, its checkpoint, in one transaction."""
+        self._close(round_num, "done", metrics, checkpoint)
+
+    def fail_round(
+        self, round_num: int, reason: str, metrics: dict[str, Any], checkpoint: Checkpoint | None = None
+    ) -> None:
+        """Mark the round failed; `reason` is kept in its metrics as "round_failed". A failed round leaves
+        the global adapter as it was; its checkpoint, when given, carries that state forward so that a
+        resume goes past the round."""
+        self._close(round_num, "failed", {**metrics, "round_failed": reason}, checkpoint)
+
+    def _close(
+        self, round_num: int, status: str, metrics: dict[str, Any], checkpoint: Checkpoint | None
+    ) -> None:
         if checkpoint is not None and checkpoint.round_num != round_num:
-            raise StateError(f"checkpoint of round {checkpoint.round_num} passed to finish round {round_num}")
+            raise StateError(f"checkpoint of round {checkpoint.round_num} passed to close round {round_num}")
         encoded = None if checkpoint is None else _encode_checkpoint(checkpoint)
         metrics_json = _metrics_json(metrics)
         with self._write() as conn:
-            _close_round(conn, round_num, "done", metrics_json)
+            _close_round(conn, round_num, status, metrics_json)
             if encoded is not None:
                 _insert_checkpoint(conn, round_num, encoded)
-
-    def fail_round(self, round_num: int, reason: str, metrics: dict[str, Any]) -> None:
-        """Mark the round failed; `reason` is kept in its metrics as "failure_reason". No checkpoint: a failed
-        round leaves the global adapter as it was."""
-        metrics_json = _metrics_json({**metrics, "failure_reason": reason})
-        with self._write() as conn:
-            _close_round(conn, round_num, "failed", metrics_json)
 
     def rounds(self) -> list[RoundRecord]:
         """Every round, ascending, each with its participants in selection order."""
@@ -488,7 +494,7 @@ def _round_line(record: RoundRecord) -> str:
     others = _other_statuses(record.participants)
     if others:
         line += f"  {others}"
-    reason = (record.metrics or {}).get("failure_reason")
+    reason = (record.metrics or {}).get("round_failed")
     if record.status == "failed" and reason:
         line += f"  reason: {reason}"
     return line

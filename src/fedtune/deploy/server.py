@@ -244,7 +244,10 @@ def _serve(
             )
             row["seconds"] = time.perf_counter() - t_round
             ckpt = Checkpoint(round_num, global_flat, aggregator.server_opt.state_dict(), _dp_state(dp))
-            store.finish_round(round_num, row, ckpt)  # a failed round is done too: resume goes past it
+            if "round_failed" in row:  # the checkpoint carries the unchanged state past the failed round
+                store.fail_round(round_num, row["round_failed"], row, ckpt)
+            else:
+                store.finish_round(round_num, row, ckpt)
             store.keep_checkpoints()
             rows.append(row)
             run_dir.append_metrics(row)
