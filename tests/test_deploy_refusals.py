@@ -4,7 +4,7 @@ One server (real gRPC over loopback with mutual TLS, real SQLite state) serves t
 round stays open while the tests poke it with hand-made protobuf bytes; every site has one role, so the
 tests do not disturb each other:
 - site-a: the submission checks, then one correct update and its replay;
-- site-b: a live session that is never given a task (duplicate joins);
+- site-b: joins twice while its first session is live;
 - site-c: an update whose payload does not decode (which uses up its task);
 - site-d, site-f, site-g: the fuzzing; site-e: the join that proves the server survived it.
 The last test closes the round and checks the round's `refused_messages` against the recorded events.
@@ -51,13 +51,15 @@ class Federation:
     server: RunningServer
     certs: Path
     store: Store
+    channels: dict[str, grpc.Channel] = field(default_factory=dict)
     stubs: dict[str, Stub] = field(default_factory=dict)
     sessions: dict[str, bytes] = field(default_factory=dict)
     tasks: dict[str, tuple[pb.Task, bytes]] = field(default_factory=dict)
 
     def stub(self, site: str) -> Stub:
         if site not in self.stubs:
-            self.stubs[site] = Stub(open_channel(self.server.target, self.certs / "clients" / site))
+            self.channels[site] = open_channel(self.server.target, self.certs / "clients" / site)
+            self.stubs[site] = Stub(self.channels[site])
         return self.stubs[site]
 
     def session(self, site: str, *, again: bool = False) -> bytes:
@@ -186,6 +188,8 @@ def fed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
             fed.task("site-a")  # the first join opens the round; every site is selected
             yield fed
         finally:
+            for channel in fed.channels.values():
+                channel.close()
             store.close()
 
 

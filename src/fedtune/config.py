@@ -145,6 +145,7 @@ class DeployConfig(_Section):
     min_connected: PositiveInt | Literal["all"] = "all"  # clients connected before a round starts
     over_selection: float = Field(0.0, ge=0.0, le=1.0)  # select this much more than clients_per_round
     round_timeout_s: float = Field(600.0, gt=0.0)  # a round closes then with what has arrived
+    stage_timeout_s: float = Field(60.0, gt=0.0)  # secure aggregation: each key or unmasking stage
     wait_for_clients_s: float = Field(3600.0, gt=0.0)  # how long a round waits for min_connected
     session_timeout_s: float = Field(60.0, gt=0.0)  # a client not heard from this long is away
     poll_interval_s: float = Field(1.0, gt=0.0)  # how often an idle client asks for work
@@ -270,11 +271,24 @@ def check_deployment(config: Config) -> None:
             f"deploy.min_connected = {dep.min_connected} exceeds the {len(dep.clients)} clients in "
             "deploy.clients; lower it or use 'all'"
         )
-    if config.secure_aggregation.enabled:
+    if config.privacy.mode == "distributed":
         raise ConfigError(
-            "secure_aggregation.enabled = true is not yet carried over the network (its protocol runs in "
-            "simulation: fedtune run); set secure_aggregation.enabled = false for fedtune server"
+            "privacy.mode = 'distributed' is not yet carried over the network (it runs in simulation: "
+            "fedtune run); use privacy.mode = 'central' for fedtune server"
         )
+    if config.secure_aggregation.enabled and dep.over_selection > 0:
+        raise ConfigError(
+            f"deploy.over_selection = {dep.over_selection} with secure aggregation: extra clients would "
+            "share keys and then be dropped; SecAgg+ survives dropouts by itself: set it to 0"
+        )
+    if config.secure_aggregation.enabled:
+        cap = config.data.max_examples_per_client
+        if config.privacy.mode == "off" and cap == "all":
+            raise ConfigError(
+                "secure aggregation needs a public bound on each client's weight to size its encoding; set "
+                "data.max_examples_per_client to a number (each client's weight is capped at it)"
+            )
+        check_secure_aggregation(config, len(dep.clients), cap if isinstance(cap, int) else None)
     if config.privacy.mode != "off" and dep.over_selection > 0:
         raise ConfigError(
             f"deploy.over_selection = {dep.over_selection} keeps the fastest clients, which is not the "

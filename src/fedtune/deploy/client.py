@@ -29,6 +29,7 @@ from fedtune.data import ClientData
 from fedtune.data.population import cap_and_shuffle, num_eval
 from fedtune.data.sources import read_file
 from fedtune.data.tokens import tokenize
+from fedtune.deploy.secure_client import SecureParticipant
 from fedtune.deploy.server import grpc_options
 from fedtune.encoding import ClientEncoding
 from fedtune.errors import DataError, FedtuneError
@@ -94,6 +95,7 @@ class Stub:
         self.join = channel.unary_unary(f"/{SERVICE}/Join")
         self.get_task = channel.unary_stream(f"/{SERVICE}/GetTask")
         self.submit = channel.stream_unary(f"/{SERVICE}/SubmitUpdate")
+        self.secagg = channel.unary_unary(f"/{SERVICE}/SecAgg")
 
 
 def open_channel(server: str, certs: Path | None, chunk_bytes: int = MAX_CHUNK_BYTES) -> grpc.Channel:
@@ -144,8 +146,11 @@ class Site:
         self.encoding = ClientEncoding(config)
         self._encoded_round: tuple[int, torch.Tensor | None] | None = None  # residual before that round
 
-    def work(self, task: pb.Task, global_flat: torch.Tensor) -> tuple[pb.UpdateHeader, bytes]:
-        """Evaluate the received adapter, train, encode: the update's header and data."""
+    def work(
+        self, task: pb.Task, global_flat: torch.Tensor, secure: SecureParticipant | None = None
+    ) -> tuple[pb.UpdateHeader, bytes]:
+        """Evaluate the received adapter, train, encode (and mask, in a secure round): the update's header
+        and data."""
         cfg, fed = self.config, self.config.federation
         round_num, index = int(task.round), int(task.client_index)
         self.adapter.load(global_flat)
@@ -169,15 +174,22 @@ class Site:
         if update.delta is None:
             header.encoding, header.error = pb.ENCODING_REFUSED, update.error or "refused"
             return header, b""
-        data, fits = self._encode(update, task, round_num, index)
-        header.encoding = pb.ENCODING_FLOAT32 if isinstance(data, torch.Tensor) else pb.ENCODING_PAYLOAD
+        data, fits = self._encode(update, task, round_num, index, masked=secure is not None)
         header.fits_clip = fits
-        payload = float32_bytes(data.numpy()) if isinstance(data, torch.Tensor) else data
+        if secure is not None:
+            assert isinstance(data, torch.Tensor)  # the values secure aggregation masks
+            weight = min(update.num_examples, secure.max_weight)
+            header.encoding = pb.ENCODING_MASKED
+            payload = np.ascontiguousarray(secure.mask(data, weight), dtype="<u4").tobytes()
+        elif isinstance(data, torch.Tensor):
+            header.encoding, payload = pb.ENCODING_FLOAT32, float32_bytes(data.numpy())
+        else:
+            header.encoding, payload = pb.ENCODING_PAYLOAD, data
         header.total_bytes = len(payload)
         return header, payload
 
     def _encode(
-        self, update: ClientUpdate, task: pb.Task, round_num: int, index: int
+        self, update: ClientUpdate, task: pb.Task, round_num: int, index: int, *, masked: bool
     ) -> tuple[torch.Tensor | bytes, bool]:
         cid = self.data.client_id
         residuals = self.encoding.residuals
@@ -194,7 +206,7 @@ class Site:
                 return result.delta, not result.clipped
 
         assert update.delta is not None
-        return self.encoding.encode(update.delta, cid, round_num, index, masked=False, clip=clip)
+        return self.encoding.encode(update.delta, cid, round_num, index, masked=masked, clip=clip)
 
 
 def run_client(
@@ -242,11 +254,19 @@ def run_client(
                 time.sleep(found.retry_after_ms / 1000)
                 continue
             task, global_flat = found
-            header, payload = site.work(task, global_flat)
+            secure = None
+            if task.HasField("secagg"):
+                secure = SecureParticipant(stub, session, task, site.config.run.seed)
+                if not secure.share_keys():
+                    notify(f"{client_id}: round {task.round}: {secure.left_out}")
+                    continue
+            header, payload = site.work(task, global_flat, secure)
             header.session = session
             stream = _update_stream(header, payload, site.config.deploy.chunk_kib * 1024)
             reply_bytes = stub.submit(stream, timeout=CALL_TIMEOUT_S)
             reply = pb.SubmitReply.FromString(reply_bytes)
+            if secure is not None and reply.accepted:
+                secure.unmask()
             trained += 1
             notify(f"{client_id}: round {task.round}: {reply.detail}")
         except grpc.RpcError as exc:

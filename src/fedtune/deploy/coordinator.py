@@ -18,11 +18,16 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import grpc
 import torch
 
+from fedtune.transport import fedtune_v1_pb2 as pb
 from fedtune.transport.wire import NONCE_BYTES, SESSION_BYTES, WireError
+
+if TYPE_CHECKING:
+    from fedtune.deploy.secure import SecureRound
 
 SELECTED, SENT, SUBMITTED, REFUSED, STRAGGLER = "selected", "sent", "submitted", "refused", "straggler"
 
@@ -71,6 +76,7 @@ class RoundTask:
     clip_l2_norm: float
     shared_seed: bytes
     deadline: float  # on the coordinator's clock
+    secure: SecureRound | None = None  # set when the round runs through secure aggregation
 
 
 @dataclass
@@ -242,13 +248,18 @@ class Coordinator:
             r = self._round
             assert r is not None  # check_submission refused a closed round
             r.bytes_up += wire_bytes
+            secure = r.task.secure
             if len(r.accepted) >= r.target:
                 a.status = STRAGGLER
                 status, ok = STRAGGLER, False
+                if secure is not None:
+                    secure.declined(a.slot)
             elif update is None:
                 a.status = REFUSED
                 r.refused.append(report)
                 status, ok = REFUSED, True
+                if secure is not None:
+                    secure.declined(a.slot)
             else:
                 try:
                     r.sink(a.slot, update, weight)
@@ -266,6 +277,48 @@ class Coordinator:
         if invalid is not None:
             raise invalid
         return ok
+
+    def secagg(self, session: Session, request: pb.SecAggRequest) -> pb.SecAggReply:
+        """A secure aggregation stage message or poll from a selected client of the open secure round."""
+        with self._lock:
+            a = self._secure_assignment(session, int(request.round), request.nonce)
+            secure = self._round.task.secure  # type: ignore[union-attr]
+            assert secure is not None
+            if request.WhichOneof("stage") == "poll":
+                return secure.poll(a.slot, int(request.poll.stage))
+            secure.receive(a.slot, request)
+            self._lock.notify_all()
+            return pb.SecAggReply(ack=pb.Ack())
+
+    def _secure_assignment(self, session: Session, round_num: int, nonce: bytes) -> Assignment:
+        r = self._round
+        if r is None or r.closed or r.task.round_num != round_num or r.task.secure is None:
+            raise WireError(
+                "stale", f"no secure round {round_num} is open", grpc.StatusCode.FAILED_PRECONDITION
+            )
+        a = r.assignments.get(session.client_id)
+        if a is None or not secrets.compare_digest(a.nonce, nonce):
+            raise WireError(
+                "replayed",
+                f"wrong nonce, or not selected, for secure round {round_num}",
+                grpc.StatusCode.FAILED_PRECONDITION,
+            )
+        return a
+
+    def wait_secure_stage(self, deadline: float, stop: threading.Event) -> None:
+        """Block until every client expected at the open secure stage answered, or `deadline`."""
+        with self._lock:
+            r = self._round
+            assert r is not None and r.task.secure is not None
+            while not stop.is_set() and not r.task.secure.complete() and self.clock() < deadline:
+                self._lock.wait(min(0.1, max(0.0, deadline - self.clock())))
+
+    def close_secure_stage(self) -> None:
+        with self._lock:
+            r = self._round
+            assert r is not None and r.task.secure is not None
+            r.task.secure.close_stage()
+            self._lock.notify_all()
 
     # ---- round loop side ------------------------------------------------------------------------------
 
@@ -303,7 +356,10 @@ class Coordinator:
             r = self._round
             assert r is not None
             while not stop.is_set():
-                outstanding = any(a.status in (SELECTED, SENT) for a in r.assignments.values())
+                if r.task.secure is not None:  # the clients admitted to stage 2 are the ones to wait for
+                    outstanding = not r.task.secure.complete()
+                else:
+                    outstanding = any(a.status in (SELECTED, SENT) for a in r.assignments.values())
                 if len(r.accepted) >= r.target or not outstanding or self.clock() >= r.task.deadline:
                     return
                 self._lock.wait(min(0.1, max(0.0, r.task.deadline - self.clock())))

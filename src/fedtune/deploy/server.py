@@ -20,7 +20,8 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +31,11 @@ import torch
 
 from fedtune.adapter import FlatAdapter, attach_lora, save_adapter
 from fedtune.aggregate import make_aggregator
-from fedtune.collect import PlainCollector
+from fedtune.collect import Collected, PlainCollector
+from fedtune.compress import num_kept, scatter_shared
 from fedtune.config import Config, check_deployment, load_config_text, to_toml
 from fedtune.deploy.coordinator import Coordinator, RoundOutcome, RoundTask
+from fedtune.deploy.secure import SecureRound, secure_params
 from fedtune.encoding import ClientEncoding
 from fedtune.errors import StateError
 from fedtune.models import load_base_model, resolve_model_dir
@@ -41,6 +44,7 @@ from fedtune.privacy.dpfedavg import ClientLevelDp, resolve_client_dp
 from fedtune.privacy.noise import os_entropy_rng
 from fedtune.rundir import RunDir
 from fedtune.sampling import sample_clients
+from fedtune.secagg import Stage
 from fedtune.seeding import numpy_rng, torch_generator
 from fedtune.store import REFUSED_EVENT_PREFIX, Checkpoint, Store
 from fedtune.transport.service import FederationService
@@ -170,6 +174,9 @@ def _serve(
     )
     current = [0]
     limits = UpdateLimits(numel, int(dep.max_update_mib * 2**20))
+    limits_now = [limits]  # the open round's (a secure round accepts masked inputs only)
+    cap = config.data.max_examples_per_client
+    secure_weight = 1 if dp is not None else (cap if isinstance(cap, int) else 0)
     max_weight = config.data.max_examples_per_client
 
     def weight_of(num_examples: int) -> int:
@@ -180,7 +187,7 @@ def _serve(
 
     chunk_bytes = dep.chunk_kib * 1024
     service = FederationService(
-        coordinator, lambda: limits, chunk_bytes=chunk_bytes, insecure=insecure, weight_of=weight_of
+        coordinator, lambda: limits_now[0], chunk_bytes=chunk_bytes, insecure=insecure, weight_of=weight_of
     )
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=32), options=grpc_options(chunk_bytes))
     server.add_generic_rpc_handlers((service.handler(),))
@@ -223,8 +230,8 @@ def _serve(
             chosen = [population[i] for i in sample_clients(len(population), selected_count, rng).tolist()]
             store.open_round(round_num, chosen)
             shared_seed = encoding.shared_seed(round_num)
-            clip = dp.clip_l2_norm if dp is not None else 0.0
-            collector = PlainCollector(aggregator, len(chosen), numel, shared_seed, admit=_admit(dp))
+            # under secure aggregation the fixed-point encoding may round a clipped update a little longer
+            clip = dp.clip_l2_norm - dp.plan.clip_margin if dp is not None else 0.0
             task = RoundTask(
                 round_num,
                 float32_bytes(global_flat.numpy()),
@@ -233,14 +240,37 @@ def _serve(
                 shared_seed or b"",
                 coordinator.clock() + dep.round_timeout_s,
             )
-            coordinator.open_round(task, chosen, fed.clients_per_round, collector.submit)
+            collector = PlainCollector(aggregator, len(chosen), numel, shared_seed, admit=_admit(dp))
+            sink = collector.submit
+            limits_now[0] = limits
+            if config.secure_aggregation.enabled:
+                vector_size = numel if shared_seed is None else num_kept(numel, encoding.spec.fraction)
+                params = secure_params(
+                    config.secure_aggregation, len(chosen), vector_size, secure_weight, round_num
+                )
+                task.secure = secure = SecureRound(params, len(chosen))
+                limits_now[0] = replace(limits, masked_words=params.payload_words)
+                sink = partial(_masked_sink, secure)
+            coordinator.open_round(task, chosen, fed.clients_per_round, sink)
             notify(f"round {round_num}: selected {len(chosen)} of {len(population)} ({live} connected)")
+            if task.secure is not None:  # keys and shares before anyone trains, as in simulation
+                for _stage in (Stage.ADVERTISE_KEYS, Stage.SHARE_KEYS):
+                    coordinator.wait_secure_stage(coordinator.clock() + dep.stage_timeout_s, stop)
+                    coordinator.close_secure_stage()
             coordinator.wait_round(stop)
+            if task.secure is not None:  # close the masked inputs, then unmask
+                coordinator.close_secure_stage()
+                coordinator.wait_secure_stage(coordinator.clock() + dep.stage_timeout_s, stop)
+                coordinator.close_secure_stage()
             if stop.is_set():
                 break
             outcome = coordinator.close_round()
+            if task.secure is None:
+                collected = collector.finish()
+            else:
+                collected = _secure_collected(task.secure, numel, encoding, shared_seed)
             global_flat, row = _finish_round(
-                outcome, collector, aggregator, dp, global_flat, min_clients, config
+                outcome, collected, aggregator, dp, global_flat, min_clients, config
             )
             row["seconds"] = time.perf_counter() - t_round
             ckpt = Checkpoint(round_num, global_flat, aggregator.server_opt.state_dict(), _dp_state(dp))
@@ -282,17 +312,35 @@ def _dp_state(dp: ClientLevelDp | None) -> dict[str, Any] | None:
     return None if dp is None else dp.state_dict()
 
 
+def _masked_sink(secure: SecureRound, slot: int, data: bytes | torch.Tensor, weight: int) -> None:
+    """A secure round's masked input into the running sum (its weight is inside the payload)."""
+    if not isinstance(data, bytes):
+        raise TypeError("a secure round takes masked inputs only")
+    secure.masked(slot, data)
+
+
+def _secure_collected(
+    secure: SecureRound, numel: int, encoding: ClientEncoding, shared_seed: bytes | None
+) -> Collected:
+    """The unmasked weighted mean (random-k: expanded onto the round's coordinates), or nothing on abort."""
+    if secure.decoded is None:
+        return Collected(None, 0, 0, 0, secure.metrics())
+    mean = torch.from_numpy(secure.decoded.mean)
+    if shared_seed is not None:
+        mean = scatter_shared(mean, numel=numel, spec=encoding.spec, shared_seed=shared_seed)
+    return Collected(mean, len(secure.included), 0, 0, secure.metrics())
+
+
 def _finish_round(
     outcome: RoundOutcome,
-    collector: PlainCollector,
+    collected: Collected,
     aggregator: Any,
     dp: ClientLevelDp | None,
     global_flat: torch.Tensor,
     min_clients: int,
     config: Config,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Aggregate, add DP noise, step the server optimizer; the round's metrics row."""
-    collected = collector.finish()
+    """Add DP noise to the round's aggregate, step the server optimizer; the round's metrics row."""
     accepted = outcome.accepted
     row: dict[str, Any] = {
         "round": outcome.round_num,
@@ -306,14 +354,16 @@ def _finish_round(
         "bytes_up": outcome.bytes_up,
         "bytes_down": outcome.bytes_down,
         "refused_messages": outcome.messages_refused,
+        **collected.metrics,
     }
     if dp is None:
         row["client_ids"] = [r.client_id for r in accepted]
-    if collected.clients < min_clients:
-        row["round_failed"] = (
-            f"{collected.clients} updates arrived, deploy.min_clients = {min_clients}: the global adapter "
-            "is left as it was"
+    if collected.clients < min_clients or "secagg_abort" in row:
+        why = (
+            row.get("secagg_abort")
+            or f"{collected.clients} updates arrived, deploy.min_clients = {min_clients}"
         )
+        row["round_failed"] = f"{why}: the global adapter is left as it was"
         return global_flat, row
     applied = collected.delta
     if dp is not None:

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10\x66\x65\x64tune_v1.proto\x12\nfedtune.v1\"P\n\x0bJoinRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x11\n\tclient_id\x18\x02 \x01(\t\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x04\"K\n\tJoinReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0f\n\x07session\x18\x02 \x01(\x0c\x12\x13\n\x0b\x63onfig_toml\x18\x03 \x01(\t\"\x1e\n\x0bTaskRequest\x12\x0f\n\x07session\x18\x01 \x01(\x0c\"\x90\x01\n\x04Task\x12\r\n\x05round\x18\x01 \x01(\x04\x12\r\n\x05nonce\x18\x02 \x01(\x0c\x12\x14\n\x0c\x63lient_index\x18\x03 \x01(\r\x12\x15\n\radapter_numel\x18\x04 \x01(\x04\x12\x14\n\x0c\x63lip_l2_norm\x18\x05 \x01(\x01\x12\x13\n\x0bshared_seed\x18\x06 \x01(\x0c\x12\x12\n\ndeadline_s\x18\x07 \x01(\x01\".\n\x04Wait\x12\x16\n\x0eretry_after_ms\x18\x01 \x01(\r\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x16\n\x04\x44one\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x92\x01\n\tTaskReply\x12 \n\x04task\x18\x01 \x01(\x0b\x32\x10.fedtune.v1.TaskH\x00\x12\x17\n\radapter_chunk\x18\x02 \x01(\x0cH\x00\x12 \n\x04wait\x18\x03 \x01(\x0b\x32\x10.fedtune.v1.WaitH\x00\x12 \n\x04\x64one\x18\x04 \x01(\x0b\x32\x10.fedtune.v1.DoneH\x00\x42\x06\n\x04kind\"\x83\x02\n\x0cUpdateHeader\x12\x0f\n\x07session\x18\x01 \x01(\x0c\x12\r\n\x05round\x18\x02 \x01(\x04\x12\r\n\x05nonce\x18\x03 \x01(\x0c\x12&\n\x08\x65ncoding\x18\x04 \x01(\x0e\x32\x14.fedtune.v1.Encoding\x12\x13\n\x0btotal_bytes\x18\x05 \x01(\x04\x12\x14\n\x0cnum_examples\x18\x06 \x01(\x04\x12\x11\n\tnum_steps\x18\x07 \x01(\r\x12\x12\n\ntrain_loss\x18\x08 \x01(\x01\x12\r\n\x05\x65rror\x18\t \x01(\t\x12\x11\n\tfits_clip\x18\n \x01(\x08\x12\x11\n\teval_loss\x18\x0b \x01(\x01\x12\x15\n\reval_examples\x18\x0c \x01(\r\"Q\n\x0bUpdateChunk\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.fedtune.v1.UpdateHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04kind\"/\n\x0bSubmitReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t*f\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x14\n\x10\x45NCODING_FLOAT32\x10\x01\x12\x14\n\x10\x45NCODING_PAYLOAD\x10\x02\x12\x14\n\x10\x45NCODING_REFUSED\x10\x03\x32\xc5\x01\n\nFederation\x12\x36\n\x04Join\x12\x17.fedtune.v1.JoinRequest\x1a\x15.fedtune.v1.JoinReply\x12;\n\x07GetTask\x12\x17.fedtune.v1.TaskRequest\x1a\x15.fedtune.v1.TaskReply0\x01\x12\x42\n\x0cSubmitUpdate\x12\x17.fedtune.v1.UpdateChunk\x1a\x17.fedtune.v1.SubmitReply(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10\x66\x65\x64tune_v1.proto\x12\nfedtune.v1\"P\n\x0bJoinRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x11\n\tclient_id\x18\x02 \x01(\t\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x04\"K\n\tJoinReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0f\n\x07session\x18\x02 \x01(\x0c\x12\x13\n\x0b\x63onfig_toml\x18\x03 \x01(\t\"\x1e\n\x0bTaskRequest\x12\x0f\n\x07session\x18\x01 \x01(\x0c\"\xb9\x01\n\x04Task\x12\r\n\x05round\x18\x01 \x01(\x04\x12\r\n\x05nonce\x18\x02 \x01(\x0c\x12\x14\n\x0c\x63lient_index\x18\x03 \x01(\r\x12\x15\n\radapter_numel\x18\x04 \x01(\x04\x12\x14\n\x0c\x63lip_l2_norm\x18\x05 \x01(\x01\x12\x13\n\x0bshared_seed\x18\x06 \x01(\x0c\x12\x12\n\ndeadline_s\x18\x07 \x01(\x01\x12\'\n\x06secagg\x18\x08 \x01(\x0b\x32\x17.fedtune.v1.SecAggSetup\"\x9d\x01\n\x0bSecAggSetup\x12\x0c\n\x04slot\x18\x01 \x01(\r\x12\x0e\n\x06\x63ohort\x18\x02 \x01(\r\x12\x11\n\tthreshold\x18\x03 \x01(\r\x12\x12\n\nneighbours\x18\x04 \x01(\r\x12\x0c\n\x04\x62its\x18\x05 \x01(\r\x12\x12\n\nclip_range\x18\x06 \x01(\x01\x12\x12\n\nmax_weight\x18\x07 \x01(\x04\x12\x13\n\x0bvector_size\x18\x08 \x01(\x04\".\n\x04Wait\x12\x16\n\x0eretry_after_ms\x18\x01 \x01(\r\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x16\n\x04\x44one\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x92\x01\n\tTaskReply\x12 \n\x04task\x18\x01 \x01(\x0b\x32\x10.fedtune.v1.TaskH\x00\x12\x17\n\radapter_chunk\x18\x02 \x01(\x0cH\x00\x12 \n\x04wait\x18\x03 \x01(\x0b\x32\x10.fedtune.v1.WaitH\x00\x12 \n\x04\x64one\x18\x04 \x01(\x0b\x32\x10.fedtune.v1.DoneH\x00\x42\x06\n\x04kind\"\x83\x02\n\x0cUpdateHeader\x12\x0f\n\x07session\x18\x01 \x01(\x0c\x12\r\n\x05round\x18\x02 \x01(\x04\x12\r\n\x05nonce\x18\x03 \x01(\x0c\x12&\n\x08\x65ncoding\x18\x04 \x01(\x0e\x32\x14.fedtune.v1.Encoding\x12\x13\n\x0btotal_bytes\x18\x05 \x01(\x04\x12\x14\n\x0cnum_examples\x18\x06 \x01(\x04\x12\x11\n\tnum_steps\x18\x07 \x01(\r\x12\x12\n\ntrain_loss\x18\x08 \x01(\x01\x12\r\n\x05\x65rror\x18\t \x01(\t\x12\x11\n\tfits_clip\x18\n \x01(\x08\x12\x11\n\teval_loss\x18\x0b \x01(\x01\x12\x15\n\reval_examples\x18\x0c \x01(\r\"Q\n\x0bUpdateChunk\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.fedtune.v1.UpdateHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04kind\"/\n\x0bSubmitReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\"=\n\x08PeerKeys\x12\x0e\n\x06\x63lient\x18\x01 \x01(\r\x12\x0f\n\x07\x65nc_key\x18\x02 \x01(\x0c\x12\x10\n\x08mask_key\x18\x03 \x01(\x0c\"?\n\x0bSealedShare\x12\x0e\n\x06sender\x18\x01 \x01(\r\x12\x10\n\x08receiver\x18\x02 \x01(\r\x12\x0e\n\x06sealed\x18\x03 \x01(\x0c\"*\n\nOwnerShare\x12\r\n\x05owner\x18\x01 \x01(\r\x12\r\n\x05share\x18\x02 \x01(\x0c\"2\n\rAdvertiseKeys\x12\x0f\n\x07\x65nc_key\x18\x01 \x01(\x0c\x12\x10\n\x08mask_key\x18\x02 \x01(\x0c\"4\n\tShareKeys\x12\'\n\x06shares\x18\x01 \x03(\x0b\x32\x17.fedtune.v1.SealedShare\"a\n\x06Unmask\x12+\n\x0bseed_shares\x18\x01 \x03(\x0b\x32\x16.fedtune.v1.OwnerShare\x12*\n\nkey_shares\x18\x02 \x03(\x0b\x32\x16.fedtune.v1.OwnerShare\"\x15\n\x04Poll\x12\r\n\x05stage\x18\x01 \x01(\r\"\xe7\x01\n\rSecAggRequest\x12\x0f\n\x07session\x18\x01 \x01(\x0c\x12\r\n\x05round\x18\x02 \x01(\x04\x12\r\n\x05nonce\x18\x03 \x01(\x0c\x12.\n\tadvertise\x18\x04 \x01(\x0b\x32\x19.fedtune.v1.AdvertiseKeysH\x00\x12&\n\x05share\x18\x05 \x01(\x0b\x32\x15.fedtune.v1.ShareKeysH\x00\x12$\n\x06unmask\x18\x06 \x01(\x0b\x32\x12.fedtune.v1.UnmaskH\x00\x12 \n\x04poll\x18\x07 \x01(\x0b\x32\x10.fedtune.v1.PollH\x00\x42\x07\n\x05stage\"9\n\rNeighbourKeys\x12(\n\nneighbours\x18\x01 \x03(\x0b\x32\x14.fedtune.v1.PeerKeys\":\n\x0f\x46orwardedShares\x12\'\n\x06shares\x18\x01 \x03(\x0b\x32\x17.fedtune.v1.SealedShare\"3\n\rUnmaskRequest\x12\x11\n\tsurvivors\x18\x01 \x03(\r\x12\x0f\n\x07\x64ropped\x18\x02 \x03(\r\"\x05\n\x03\x41\x63k\"\x95\x02\n\x0bSecAggReply\x12\x1e\n\x03\x61\x63k\x18\x01 \x01(\x0b\x32\x0f.fedtune.v1.AckH\x00\x12 \n\x04wait\x18\x02 \x01(\x0b\x32\x10.fedtune.v1.WaitH\x00\x12\x33\n\x0eneighbour_keys\x18\x03 \x01(\x0b\x32\x19.fedtune.v1.NeighbourKeysH\x00\x12\x30\n\tforwarded\x18\x04 \x01(\x0b\x32\x1b.fedtune.v1.ForwardedSharesH\x00\x12\x33\n\x0eunmask_request\x18\x05 \x01(\x0b\x32\x19.fedtune.v1.UnmaskRequestH\x00\x12 \n\x04\x64one\x18\x06 \x01(\x0b\x32\x10.fedtune.v1.DoneH\x00\x42\x06\n\x04kind*{\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x14\n\x10\x45NCODING_FLOAT32\x10\x01\x12\x14\n\x10\x45NCODING_PAYLOAD\x10\x02\x12\x14\n\x10\x45NCODING_REFUSED\x10\x03\x12\x13\n\x0f\x45NCODING_MASKED\x10\x04\x32\x83\x02\n\nFederation\x12\x36\n\x04Join\x12\x17.fedtune.v1.JoinRequest\x1a\x15.fedtune.v1.JoinReply\x12;\n\x07GetTask\x12\x17.fedtune.v1.TaskRequest\x1a\x15.fedtune.v1.TaskReply0\x01\x12\x42\n\x0cSubmitUpdate\x12\x17.fedtune.v1.UpdateChunk\x1a\x17.fedtune.v1.SubmitReply(\x01\x12<\n\x06SecAgg\x12\x19.fedtune.v1.SecAggRequest\x1a\x17.fedtune.v1.SecAggReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fedtune_v1_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ENCODING']._serialized_start=985
-  _globals['_ENCODING']._serialized_end=1087
+  _globals['_ENCODING']._serialized_start=2279
+  _globals['_ENCODING']._serialized_end=2402
   _globals['_JOINREQUEST']._serialized_start=32
   _globals['_JOINREQUEST']._serialized_end=112
   _globals['_JOINREPLY']._serialized_start=114
@@ -40,19 +40,47 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TASKREQUEST']._serialized_start=191
   _globals['_TASKREQUEST']._serialized_end=221
   _globals['_TASK']._serialized_start=224
-  _globals['_TASK']._serialized_end=368
-  _globals['_WAIT']._serialized_start=370
-  _globals['_WAIT']._serialized_end=416
-  _globals['_DONE']._serialized_start=418
-  _globals['_DONE']._serialized_end=440
-  _globals['_TASKREPLY']._serialized_start=443
-  _globals['_TASKREPLY']._serialized_end=589
-  _globals['_UPDATEHEADER']._serialized_start=592
-  _globals['_UPDATEHEADER']._serialized_end=851
-  _globals['_UPDATECHUNK']._serialized_start=853
-  _globals['_UPDATECHUNK']._serialized_end=934
-  _globals['_SUBMITREPLY']._serialized_start=936
-  _globals['_SUBMITREPLY']._serialized_end=983
-  _globals['_FEDERATION']._serialized_start=1090
-  _globals['_FEDERATION']._serialized_end=1287
+  _globals['_TASK']._serialized_end=409
+  _globals['_SECAGGSETUP']._serialized_start=412
+  _globals['_SECAGGSETUP']._serialized_end=569
+  _globals['_WAIT']._serialized_start=571
+  _globals['_WAIT']._serialized_end=617
+  _globals['_DONE']._serialized_start=619
+  _globals['_DONE']._serialized_end=641
+  _globals['_TASKREPLY']._serialized_start=644
+  _globals['_TASKREPLY']._serialized_end=790
+  _globals['_UPDATEHEADER']._serialized_start=793
+  _globals['_UPDATEHEADER']._serialized_end=1052
+  _globals['_UPDATECHUNK']._serialized_start=1054
+  _globals['_UPDATECHUNK']._serialized_end=1135
+  _globals['_SUBMITREPLY']._serialized_start=1137
+  _globals['_SUBMITREPLY']._serialized_end=1184
+  _globals['_PEERKEYS']._serialized_start=1186
+  _globals['_PEERKEYS']._serialized_end=1247
+  _globals['_SEALEDSHARE']._serialized_start=1249
+  _globals['_SEALEDSHARE']._serialized_end=1312
+  _globals['_OWNERSHARE']._serialized_start=1314
+  _globals['_OWNERSHARE']._serialized_end=1356
+  _globals['_ADVERTISEKEYS']._serialized_start=1358
+  _globals['_ADVERTISEKEYS']._serialized_end=1408
+  _globals['_SHAREKEYS']._serialized_start=1410
+  _globals['_SHAREKEYS']._serialized_end=1462
+  _globals['_UNMASK']._serialized_start=1464
+  _globals['_UNMASK']._serialized_end=1561
+  _globals['_POLL']._serialized_start=1563
+  _globals['_POLL']._serialized_end=1584
+  _globals['_SECAGGREQUEST']._serialized_start=1587
+  _globals['_SECAGGREQUEST']._serialized_end=1818
+  _globals['_NEIGHBOURKEYS']._serialized_start=1820
+  _globals['_NEIGHBOURKEYS']._serialized_end=1877
+  _globals['_FORWARDEDSHARES']._serialized_start=1879
+  _globals['_FORWARDEDSHARES']._serialized_end=1937
+  _globals['_UNMASKREQUEST']._serialized_start=1939
+  _globals['_UNMASKREQUEST']._serialized_end=1990
+  _globals['_ACK']._serialized_start=1992
+  _globals['_ACK']._serialized_end=1997
+  _globals['_SECAGGREPLY']._serialized_start=2000
+  _globals['_SECAGGREPLY']._serialized_end=2277
+  _globals['_FEDERATION']._serialized_start=2405
+  _globals['_FEDERATION']._serialized_end=2664
 # @@protoc_insertion_point(module_scope)

@@ -62,6 +62,7 @@ class FederationService:
                 "Join": grpc.unary_unary_rpc_method_handler(self._guard(self.join)),
                 "GetTask": grpc.unary_stream_rpc_method_handler(self._guard_stream(self.get_task)),
                 "SubmitUpdate": grpc.stream_unary_rpc_method_handler(self._guard(self.submit)),
+                "SecAgg": grpc.unary_unary_rpc_method_handler(self._guard(self.secagg)),
             },
         )
 
@@ -163,6 +164,10 @@ class FederationService:
             shared_seed=task.shared_seed,
             deadline_s=max(0.0, task.deadline - self.coordinator.clock()),
         )
+        if task.secure is not None:
+            from fedtune.deploy.secure import setup_message
+
+            header.secagg.CopyFrom(setup_message(task.secure.params, assignment.slot))
         yield pb.TaskReply(task=header).SerializeToString()
         for chunk in chunked(task.adapter_bytes, self.chunk_bytes):
             yield pb.TaskReply(adapter_chunk=bytes(chunk)).SerializeToString()
@@ -190,6 +195,8 @@ class FederationService:
             update = None
             if not report.error:
                 report = ClientReport(**{**report.__dict__, "error": "refused by the client"})
+        elif header.encoding == pb.ENCODING_MASKED:
+            update = bytes(data)  # uint32 words, checked and unmasked by the secure round
         elif header.encoding == pb.ENCODING_FLOAT32:
             import torch
 
@@ -209,3 +216,9 @@ class FederationService:
         )
         detail = "accepted" if ok else "the round already has its updates: counted as a straggler"
         return pb.SubmitReply(accepted=ok, detail=detail).SerializeToString()
+
+    def secagg(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        req = parse(pb.SecAggRequest, request)
+        session = self.coordinator.session(req.session)
+        self._identity(context, session.client_id)
+        return self.coordinator.secagg(session, req).SerializeToString()

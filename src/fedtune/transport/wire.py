@@ -77,13 +77,25 @@ def float32_values(data: bytes | bytearray | memoryview, numel: int, what: str) 
 
 @dataclass(frozen=True)
 class UpdateLimits:
-    """What the server accepts for one round: the adapter size, and the most bytes an update may declare."""
+    """What the server accepts in one round: the adapter size, the most bytes an update may declare, and,
+    in a secure round, the masked payload's length in uint32 words (only masked updates are accepted)."""
 
     adapter_numel: int
     max_update_bytes: int
+    masked_words: int = 0
 
     def allowed_bytes(self, encoding: int) -> int:
-        """The exact (float32) or largest (payload) data size for `encoding`."""
+        """The exact (float32, masked) or largest (payload) data size for `encoding`."""
+        secure = self.masked_words > 0
+        if secure != (encoding == pb.ENCODING_MASKED) and encoding != pb.ENCODING_REFUSED:
+            raise WireError(
+                "wrong_encoding",
+                "this round runs through secure aggregation: send a masked input"
+                if secure
+                else "a masked input outside a secure aggregation round",
+            )
+        if encoding == pb.ENCODING_MASKED:
+            return self.masked_words * 4
         if encoding == pb.ENCODING_FLOAT32:
             return self.adapter_numel * FLOAT32_BYTES
         if encoding == pb.ENCODING_PAYLOAD:
@@ -103,13 +115,14 @@ def read_header(first: bytes | None) -> pb.UpdateHeader:
 
 def check_declared_size(header: pb.UpdateHeader, limits: UpdateLimits) -> int:
     """The number of data bytes to expect, refused before any allocation when it breaks the limits."""
-    if header.encoding not in (pb.ENCODING_FLOAT32, pb.ENCODING_PAYLOAD, pb.ENCODING_REFUSED):
+    known = (pb.ENCODING_FLOAT32, pb.ENCODING_PAYLOAD, pb.ENCODING_REFUSED, pb.ENCODING_MASKED)
+    if header.encoding not in known:
         raise WireError("malformed", f"unknown update encoding {header.encoding}")
     allowed = limits.allowed_bytes(header.encoding)
-    if header.encoding == pb.ENCODING_FLOAT32 and header.total_bytes != allowed:
+    if header.encoding in (pb.ENCODING_FLOAT32, pb.ENCODING_MASKED) and header.total_bytes != allowed:
         raise WireError(
             "wrong_shape",
-            f"a float32 update of this round has {allowed} bytes ({limits.adapter_numel} values), "
+            f"a {pb.Encoding.Name(header.encoding)} update of this round has {allowed} bytes, "
             f"the header declares {header.total_bytes}",
         )
     if header.total_bytes > allowed:
