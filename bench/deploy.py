@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 THROUGHPUT_LORA = ("lora.target_modules=['lm_head']", "lora.rank=51")  # 51 x (64 + 49,152) values
+ALLOCATORS = {"glibc default": {}, "mmap threshold 128 KiB": {"MALLOC_MMAP_THRESHOLD_": "131072"}}
 
 
 def machine() -> dict[str, Any]:
@@ -214,7 +215,9 @@ def deployed_round(config: Any, certs: Path, paths: dict[str, Path]) -> dict[str
 
         def client(site: str) -> None:
             try:
-                results[site] = run_client(target, paths[site], certs=certs / site, give_up_after_s=60)
+                results[site] = run_client(
+                    target, paths[site], certs=certs / "clients" / site, give_up_after_s=60
+                )
             except Exception as exc:  # reported below
                 results[site] = exc
 
@@ -223,9 +226,9 @@ def deployed_round(config: Any, certs: Path, paths: dict[str, Path]) -> dict[str
             t.start()
         for t in threads:
             t.join()
-    failed = {s: r for s, r in results.items() if isinstance(r, Exception)}
-    if failed:
-        raise RuntimeError(f"{len(failed)} clients failed, e.g. {next(iter(failed.items()))}")
+        failed = {s: r for s, r in results.items() if isinstance(r, Exception)}
+        if failed:
+            raise RuntimeError(f"{len(failed)} clients failed, e.g. {next(iter(failed.items()))}")
     return marks.round2()
 
 
@@ -311,8 +314,11 @@ def server_child(config_path: str) -> None:
 
 
 @contextmanager
-def server_process(root: Path, config: Any) -> Iterator[tuple[str, dict[str, Any]]]:
-    """The server in a child process; yields (target, report), the report filled in when it exits."""
+def server_process(
+    root: Path, config: Any, env: dict[str, str] | None = None
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    """The server in a child process (`env` added to its environment); yields (target, report), the
+    report filled in when it exits."""
     from fedtune.config import to_toml
 
     config_path = root / f"{config.run.resolved_dir.name}.toml"
@@ -324,6 +330,7 @@ def server_process(root: Path, config: Any) -> Iterator[tuple[str, dict[str, Any
             stdout=subprocess.PIPE,
             stderr=log,
             text=True,
+            env={**os.environ, **(env or {})},
         )
     assert proc.stdout is not None
     report: dict[str, Any] = {}
@@ -407,7 +414,9 @@ def raw_client(
         channel.close()
 
 
-def raw_round_trip(root: Path, name: str, clients: int, rounds: int, serial: bool) -> dict[str, Any]:
+def raw_round_trip(
+    root: Path, name: str, clients: int, rounds: int, serial: bool, env: dict[str, str] | None = None
+) -> dict[str, Any]:
     """A child-process server with the ~10 MB adapter and `clients` raw clients in threads."""
     sites = site_ids(clients)
     certs = root / "certs"
@@ -425,11 +434,13 @@ def raw_round_trip(root: Path, name: str, clients: int, rounds: int, serial: boo
     errors: list[Exception] = []
     lock = threading.Lock() if serial else None
     started = time.perf_counter()
-    with server_process(root, config) as (target, report):
+    with server_process(root, config, env) as (target, report):
 
         def client(site: str) -> None:
             try:
-                raw_client(target, certs / site, numel, config.deploy.chunk_kib * 1024, lock, transfers)
+                raw_client(
+                    target, certs / "clients" / site, numel, config.deploy.chunk_kib * 1024, lock, transfers
+                )
             except Exception as exc:
                 errors.append(exc)
 
@@ -471,19 +482,24 @@ def throughput(root: Path, clients: int, rounds: int) -> dict[str, Any]:
 
 
 def memory(root: Path, sizes: list[int]) -> list[dict[str, Any]]:
+    """Each size twice: glibc as it comes, then with the mmap threshold pinned at its initial 128 KiB, so
+    that freed update-sized buffers go back to the OS (the difference is memory the allocator keeps)."""
     out = []
     for n in sizes:
-        run = raw_round_trip(root, f"memory-{n}", n, 2, serial=False)
-        run["growth_mib"] = run["peak_rss_mib"] - run["baseline_rss_mib"]
-        run["n_updates_mib"] = n * run["update_bytes"] / 2**20
-        del run["transfers"]
-        print(
-            f"  {n:>4} clients: baseline {run['baseline_rss_mib']:.0f} MiB, peak {run['peak_rss_mib']:.0f} MiB "
-            f"(+{run['growth_mib']:.0f}; N x update = {run['n_updates_mib']:.0f} MiB), "
-            f"rounds {', '.join(f'{s:.1f}s' for s in run['round_seconds'])}",
-            flush=True,
-        )
-        out.append(run)
+        for allocator, env in ALLOCATORS.items():
+            run = raw_round_trip(root, f"memory-{n}-{len(out)}", n, 2, serial=False, env=env)
+            run["allocator"] = allocator
+            run["growth_mib"] = run["peak_rss_mib"] - run["baseline_rss_mib"]
+            run["n_updates_mib"] = n * run["update_bytes"] / 2**20
+            del run["transfers"]
+            out.append(run)
+            print(
+                f"  {n:>4} clients, {allocator}: baseline {run['baseline_rss_mib']:.0f} MiB, "
+                f"peak {run['peak_rss_mib']:.0f} MiB "
+                f"(+{run['growth_mib']:.0f}; N x update = {run['n_updates_mib']:.0f} MiB), "
+                f"rounds {', '.join(f'{s:.1f}s' for s in run['round_seconds'])}",
+                flush=True,
+            )
     return out
 
 
@@ -522,21 +538,20 @@ def tables(report: dict[str, Any]) -> str:
         ]
         for direction, label in (("down", "download (GetTask + adapter)"), ("up", "upload (SubmitUpdate)")):
             d = t[f"{direction}_mb_s"]
-            lines.append(
-                f"| {label} | {d['n']} | {d['median']:.0f} | {d['best']:.0f} | {d['worst']:.0f} |"
-            )
+            lines.append(f"| {label} | {d['n']} | {d['median']:.0f} | {d['best']:.0f} | {d['worst']:.0f} |")
     if "memory" in report:
         lines += [
             "\nServer peak RSS, FedAvg, all clients download and upload at once (secure aggregation: "
             "refused by `fedtune server`, not measured):\n",
-            "| clients | baseline RSS (MiB) | peak RSS (MiB) | peak - baseline (MiB) | N x update (MiB) "
-            "| round 1 (s) | round 2 (s) | server CPU (s) |",
-            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+            "| clients | server allocator | baseline RSS (MiB) | peak RSS (MiB) | peak - baseline (MiB) "
+            "| N x update (MiB) | round 1 (s) | round 2 (s) | server CPU (s) |",
+            "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         for m in report["memory"]:
             rs = m["round_seconds"] + [float("nan")] * 2
             lines.append(
-                f"| {m['clients']} | {m['baseline_rss_mib']:.0f} | {m['peak_rss_mib']:.0f} "
+                f"| {m['clients']} | {m['allocator']} | {m['baseline_rss_mib']:.0f} "
+                f"| {m['peak_rss_mib']:.0f} "
                 f"| {m['growth_mib']:.0f} | {m['n_updates_mib']:.0f} | {rs[0]:.1f} | {rs[1]:.1f} "
                 f"| {m['server_cpu_s']:.1f} |"
             )
