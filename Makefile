@@ -50,6 +50,7 @@ bench: install-dev
 	$(BIN)/python bench/secagg.py
 	$(BIN)/python bench/communication.py
 	$(BIN)/python bench/privacy_utility.py
+	$(BIN)/python bench/deploy.py
 
 # the wire schema: regenerate after editing proto/fedtune_v1.proto (the generated module is committed)
 proto: install-dev

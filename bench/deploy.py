@@ -620,6 +620,7 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=24, help="part 1: texts per site")
     parser.add_argument("--poll-interval", type=float, default=0.1, help="part 1: deploy.poll_interval_s")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--torch-threads", type=int, default=None, help="part 1: torch threads (both sides)")
     parser.add_argument("--sizes", default="10,50,100", help="part 3: numbers of clients")
     parser.add_argument("--parts", default="round,throughput,memory")
     parser.add_argument("--out", default="bench/out/deploy.json")
@@ -641,6 +642,10 @@ def main() -> None:
         args.clients, args.steps, args.repeats, args.sizes = 4, 2, 1, "2,4"
     parts = args.parts.split(",")
     sizes = [int(x) for x in args.sizes.split(",")]
+    if args.torch_threads is not None:
+        import torch
+
+        torch.set_num_threads(args.torch_threads)
     report: dict[str, Any] = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M")}
     print(f"machine: {json.dumps(report['machine'])}", flush=True)
     with tempfile.TemporaryDirectory(prefix="fedtune-bench-deploy-") as tmp:

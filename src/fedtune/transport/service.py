@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 
 import grpc
@@ -79,16 +81,22 @@ class FederationService:
         self.coordinator.refuse(WireError("internal", f"{type(exc).__name__}: {exc}"), peer_identity(context))
         context.abort(grpc.StatusCode.INTERNAL, "internal error; the server carries on")
 
+    @contextmanager
+    def _answering(self, context: grpc.ServicerContext) -> Iterator[None]:
+        """Turn a refusal into its typed status and anything unexpected into INTERNAL; the server goes on."""
+        try:
+            yield
+        except WireError as error:
+            self._refuse(context, error)
+        except Exception as exc:
+            if isinstance(exc, grpc.RpcError) or type(exc).__name__ == "_AbortError":
+                raise  # context.abort's own exception: the status is already set
+            self._internal(context, exc)
+
     def _guard(self, method: Callable[[Any, grpc.ServicerContext], bytes]) -> Callable[..., bytes]:
         def guarded(request: Any, context: grpc.ServicerContext) -> bytes:
-            try:
+            with self._answering(context):
                 return method(request, context)
-            except WireError as error:
-                self._refuse(context, error)
-            except Exception as exc:
-                if isinstance(exc, grpc.RpcError) or type(exc).__name__ == "_AbortError":
-                    raise
-                self._internal(context, exc)
             raise AssertionError("unreachable: context.abort raises")
 
         return guarded
@@ -97,14 +105,8 @@ class FederationService:
         self, method: Callable[[bytes, grpc.ServicerContext], Iterator[bytes]]
     ) -> Callable[..., Iterator[bytes]]:
         def guarded(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
-            try:
+            with self._answering(context):
                 yield from method(request, context)
-            except WireError as error:
-                self._refuse(context, error)
-            except Exception as exc:
-                if isinstance(exc, grpc.RpcError) or type(exc).__name__ == "_AbortError":
-                    raise
-                self._internal(context, exc)
 
         return guarded
 
@@ -194,7 +196,7 @@ class FederationService:
         if header.encoding == pb.ENCODING_REFUSED:
             update = None
             if not report.error:
-                report = ClientReport(**{**report.__dict__, "error": "refused by the client"})
+                report = replace(report, error="refused by the client")
         elif header.encoding == pb.ENCODING_MASKED:
             update = bytes(data)  # uint32 words, checked and unmasked by the secure round
         elif header.encoding == pb.ENCODING_FLOAT32:
