@@ -150,6 +150,7 @@ class DeployConfig(_Section):
     session_timeout_s: float = Field(60.0, gt=0.0)  # a client not heard from this long is away
     poll_interval_s: float = Field(1.0, gt=0.0)  # how often an idle client asks for work
     max_update_mib: float = Field(256.0, gt=0.0)  # refused before allocation when larger
+    max_concurrent_uploads: PositiveInt = 4  # update buffers held at once; the rest wait their turn
     chunk_kib: int = Field(1024, ge=1, le=3072)  # streamed message size
 
 

@@ -98,7 +98,7 @@ class SecureRound:
             raise _refused(exc) from None
         self.answered.add(slot)
 
-    def masked(self, slot: int, data: bytes) -> None:
+    def masked(self, slot: int, data: bytes | bytearray) -> None:
         """A client's masked input (stage 2): added to the running sum, O(update) whatever the cohort."""
         try:
             self.server.receive_masked_input(

@@ -187,7 +187,12 @@ def _serve(
 
     chunk_bytes = dep.chunk_kib * 1024
     service = FederationService(
-        coordinator, lambda: limits_now[0], chunk_bytes=chunk_bytes, insecure=insecure, weight_of=weight_of
+        coordinator,
+        lambda: limits_now[0],
+        chunk_bytes=chunk_bytes,
+        insecure=insecure,
+        weight_of=weight_of,
+        max_concurrent_uploads=dep.max_concurrent_uploads,
     )
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=32), options=grpc_options(chunk_bytes))
     server.add_generic_rpc_handlers((service.handler(),))
@@ -314,7 +319,7 @@ def _dp_state(dp: ClientLevelDp | None) -> dict[str, Any] | None:
 
 def _masked_sink(secure: SecureRound, slot: int, data: bytes | torch.Tensor, weight: int) -> None:
     """A secure round's masked input into the running sum (its weight is inside the payload)."""
-    if not isinstance(data, bytes):
+    if not isinstance(data, bytes | bytearray):
         raise TypeError("a secure round takes masked inputs only")
     secure.masked(slot, data)
 

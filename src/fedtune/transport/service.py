@@ -11,6 +11,7 @@ logged and answered INTERNAL without taking the server down.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -18,7 +19,7 @@ from typing import Any
 
 import grpc
 
-from fedtune.deploy.coordinator import ClientReport, Coordinator
+from fedtune.deploy.coordinator import ClientReport, Coordinator, Session
 from fedtune.transport import fedtune_v1_pb2 as pb
 from fedtune.transport.tls import peer_identity
 from fedtune.transport.wire import (
@@ -48,10 +49,14 @@ class FederationService:
         chunk_bytes: int,
         insecure: bool = False,
         weight_of: Callable[[int], int] = lambda n: n,
+        max_concurrent_uploads: int = 4,
     ) -> None:
         """`limits` gives the open round's update limits; `weight_of` maps a client's declared number of
-        examples to its aggregation weight (capped, or 1 under DP)."""
+        examples to its aggregation weight (capped, or 1 under DP). At most `max_concurrent_uploads`
+        update buffers exist at once (others wait, their bytes held back by HTTP/2 flow control), so the
+        server's memory is O(update), not O(clients x update)."""
         self.coordinator = coordinator
+        self._upload_slots = threading.BoundedSemaphore(max_concurrent_uploads)
         self.limits = limits
         self.chunk_bytes = chunk_bytes
         self.insecure = insecure
@@ -181,6 +186,17 @@ class FederationService:
         self.coordinator.check_submission(session, int(header.round), header.nonce)  # before reading data
         limits = self.limits()
         total = check_declared_size(header, limits)
+        with self._upload_slots:
+            return self._receive(session, header, limits, total, request_iterator)
+
+    def _receive(
+        self,
+        session: Session,
+        header: pb.UpdateHeader,
+        limits: UpdateLimits,
+        total: int,
+        request_iterator: Iterator[bytes],
+    ) -> bytes:
         data = read_data(request_iterator, total)
         report = ClientReport(
             client_id=session.client_id,
@@ -198,11 +214,11 @@ class FederationService:
             if not report.error:
                 report = replace(report, error="refused by the client")
         elif header.encoding == pb.ENCODING_MASKED:
-            update = bytes(data)  # uint32 words, checked and unmasked by the secure round
+            update = data  # uint32 words, checked and unmasked by the secure round
         elif header.encoding == pb.ENCODING_FLOAT32:
             import torch
 
-            update = torch.from_numpy(float32_values(data, limits.adapter_numel, "the update").copy())
+            update = torch.from_numpy(float32_values(data, limits.adapter_numel, "the update"))  # no copy
         else:
             update = bytes(data)
         if header.num_examples < 1 and update is not None:
