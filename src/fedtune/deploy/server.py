@@ -194,7 +194,10 @@ def _serve(
         weight_of=weight_of,
         max_concurrent_uploads=dep.max_concurrent_uploads,
     )
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=32), options=grpc_options(chunk_bytes))
+    # no bandwidth-delay probing: each stream keeps HTTP/2's fixed 64 KiB window, so uploads waiting for a
+    # slot hold 64 KiB each in the transport instead of growing windows of several MiB
+    options = [*grpc_options(chunk_bytes), ("grpc.http2.bdp_probe", 0)]
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=32), options=options)
     server.add_generic_rpc_handlers((service.handler(),))
     if insecure:
         warn_insecure()

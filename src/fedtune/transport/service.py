@@ -53,10 +53,11 @@ class FederationService:
     ) -> None:
         """`limits` gives the open round's update limits; `weight_of` maps a client's declared number of
         examples to its aggregation weight (capped, or 1 under DP). At most `max_concurrent_uploads`
-        update buffers exist at once (others wait, their bytes held back by HTTP/2 flow control), so the
-        server's memory is O(update), not O(clients x update)."""
+        update buffers exist at once (others wait, their bytes held back by HTTP/2 flow control), and as
+        many adapter downloads are in flight, so the server's memory does not grow with the clients."""
         self.coordinator = coordinator
         self._upload_slots = threading.BoundedSemaphore(max_concurrent_uploads)
+        self._download_slots = threading.BoundedSemaphore(max_concurrent_uploads)
         self.limits = limits
         self.chunk_bytes = chunk_bytes
         self.insecure = insecure
@@ -175,9 +176,10 @@ class FederationService:
             from fedtune.deploy.secure import setup_message
 
             header.secagg.CopyFrom(setup_message(task.secure.params, assignment.slot))
-        yield pb.TaskReply(task=header).SerializeToString()
-        for chunk in chunked(task.adapter_bytes, self.chunk_bytes):
-            yield pb.TaskReply(adapter_chunk=bytes(chunk)).SerializeToString()
+        with self._download_slots:  # the adapter's chunks queued for sending, a few clients at a time
+            yield pb.TaskReply(task=header).SerializeToString()
+            for chunk in chunked(task.adapter_bytes, self.chunk_bytes):
+                yield pb.TaskReply(adapter_chunk=bytes(chunk)).SerializeToString()
 
     def submit(self, request_iterator: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
         header = read_header(next(request_iterator, None))
