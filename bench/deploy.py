@@ -15,7 +15,8 @@ hand, with the machine).
 3. Server peak memory vs clients: the same server for N clients that all download and upload at once
    (FedAvg, 2 rounds). The child resets its peak RSS (`/proc/self/clear_refs`) once it serves, so
    peak - baseline is what the rounds cost, compared with N x the update size.
-Secure aggregation is not measured: `fedtune server` refuses it (not yet carried over the network).
+FedAvg in the clear only: secure aggregation over the network needs clients that run the SecAgg+ key
+stages, which these raw clients do not.
 
     .venv/bin/python bench/deploy.py            # all three parts (several minutes)
     .venv/bin/python bench/deploy.py --quick    # small sizes: a smoke check
@@ -43,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 THROUGHPUT_LORA = ("lora.target_modules=['lm_head']", "lora.rank=51")  # 51 x (64 + 49,152) values
+GRPC_OPTIONS_ENV = "BENCH_GRPC_OPTIONS"
 ALLOCATORS = {"glibc default": {}, "mmap threshold 128 KiB": {"MALLOC_MMAP_THRESHOLD_": "131072"}}
 
 
@@ -64,7 +66,18 @@ def machine() -> dict[str, Any]:
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "grpcio": grpc.__version__,
+        "commit": source_version(),
     }
+
+
+def source_version() -> str:
+    """The commit measured, marked when src/ has uncommitted changes."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=False).stdout.strip()
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    return commit + (" + uncommitted src/ changes" if git("status", "--porcelain", "src") else "")
 
 
 def cpu_seconds() -> float:
@@ -213,8 +226,15 @@ def timeline() -> Iterator[dict[str, Any]]:
     from fedtune.deploy.client import Site
     from fedtune.deploy.coordinator import Coordinator
 
-    events: dict[str, Any] = {"open": {}, "close": {}, "work": []}
-    open_round, close_round, work = Coordinator.open_round, Coordinator.close_round, Site.work
+    events: dict[str, Any] = {"open": {}, "close": {}, "work": [], "waits": []}
+    targets = [
+        (Coordinator, "open_round"),
+        (Coordinator, "close_round"),
+        (Coordinator, "next_task"),
+        (Site, "work"),
+    ]
+    saved = [getattr(owner, name) for owner, name in targets]
+    open_round, close_round, next_task, work = saved
 
     def timed_open(self: Any, task: Any, *args: Any, **kwargs: Any) -> None:
         events["open"][task.round_num] = time.perf_counter()
@@ -225,28 +245,39 @@ def timeline() -> Iterator[dict[str, Any]]:
         events["close"][outcome.round_num] = time.perf_counter()
         return outcome
 
-    def timed_work(self: Any, task: Any, global_flat: Any) -> Any:
+    def timed_next_task(self: Any, session: Any) -> Any:
+        found = next_task(self, session)
+        if found is None:
+            events["waits"].append(time.perf_counter())
+        return found
+
+    def timed_work(self: Any, task: Any, *args: Any, **kwargs: Any) -> Any:
         started = time.perf_counter()
         try:
-            return work(self, task, global_flat)
+            return work(self, task, *args, **kwargs)
         finally:
             events["work"].append((int(task.round), started, time.perf_counter()))
 
-    Coordinator.open_round, Coordinator.close_round, Site.work = timed_open, timed_close, timed_work
+    wrappers = (timed_open, timed_close, timed_next_task, timed_work)
+    for (owner, name), wrapped in zip(targets, wrappers, strict=True):
+        setattr(owner, name, wrapped)
     try:
         yield events
     finally:
-        Coordinator.open_round, Coordinator.close_round, Site.work = open_round, close_round, work
+        for (owner, name), original in zip(targets, saved, strict=True):
+            setattr(owner, name, original)
 
 
 def critical_path(events: dict[str, Any], round_num: int) -> dict[str, float]:
     """A deployed round cut at the first client's start and the last client's end of local work."""
     spans = [(start, end) for r, start, end in events["work"] if r == round_num]
     first, last = min(s for s, _ in spans), max(e for _, e in spans)
+    opened, closed = events["open"][round_num], events["close"][round_num]
     return {
-        "open_to_first_work_s": first - events["open"][round_num],
+        "wait_replies": sum(opened <= t <= closed for t in events["waits"]),
+        "open_to_first_work_s": first - opened,
         "work_span_s": last - first,
-        "last_work_to_close_s": events["close"][round_num] - last,
+        "last_work_to_close_s": closed - last,
         "mean_client_work_s": statistics.mean(e - s for s, e in spans),
     }
 
@@ -277,7 +308,9 @@ def deployed_round(config: Any, certs: Path, paths: dict[str, Path]) -> dict[str
     return marks.round2() | critical_path(events, 2)
 
 
-def round_overhead(root: Path, clients: int, steps: int, examples: int, poll_s: float, repeats: int) -> dict:
+def round_overhead(
+    root: Path, clients: int, steps: int, examples: int, poll_s: float, threads: int, repeats: int
+) -> dict:
     sites = site_ids(clients)
     certs = make_certs(root, sites)
     paths, all_sites = make_site_data(root, sites, examples)
@@ -286,6 +319,7 @@ def round_overhead(root: Path, clients: int, steps: int, examples: int, poll_s: 
         f"data.source='{all_sites}'",
         "data.client_field=client",
         f"deploy.poll_interval_s={poll_s}",
+        f"run.threads={threads}",
     )
     sim, dep = [], []
     for r in range(repeats):
@@ -309,6 +343,7 @@ def round_overhead(root: Path, clients: int, steps: int, examples: int, poll_s: 
         "local_steps": steps,
         "examples_per_site": examples,
         "poll_interval_s": poll_s,
+        "torch_threads": threads,
         "simulated": sim,
         "deployed": dep,
         "ratio": best_dep["seconds"] / best_sim["seconds"],
@@ -320,10 +355,16 @@ def round_overhead(root: Path, clients: int, steps: int, examples: int, poll_s: 
 
 
 def server_child(config_path: str) -> None:
-    """Runs in a fresh process: serve the config, report the port and baseline, then the peak."""
+    """Runs in a fresh process: serve the config, report the port and baseline, then the peak. gRPC
+    options in $BENCH_GRPC_OPTIONS (from --server-option) are added to the server's own."""
     from fedtune.config import load_config
-    from fedtune.deploy.server import serve
+    from fedtune.deploy import server as server_module
 
+    extra = [(name, value) for name, value in json.loads(os.environ.get(GRPC_OPTIONS_ENV, "[]"))]
+    if extra:
+        own = server_module.grpc_options
+        server_module.grpc_options = lambda chunk_bytes: own(chunk_bytes) + extra
+    serve = server_module.serve
     config = load_config(Path(config_path))
     port: list[int] = []
     done: dict[str, Any] = {}
@@ -557,18 +598,19 @@ def tables(report: dict[str, Any]) -> str:
         o = report["round"]
         lines += [
             f"\n{o['clients']} clients, tiny model, {o['local_steps']} local steps, round 2 "
-            f"(deploy.poll_interval_s = {o['poll_interval_s']}). Client work = evaluate + train + encode: "
+            f"(deploy.poll_interval_s = {o['poll_interval_s']}, run.threads = {o['torch_threads']}). "
+            "Client work = evaluate + train + encode: "
             "one after another in simulation, the first start to the last end when deployed (clients in "
             "parallel threads); outside = the rest of the round's wall time.\n",
             "| side | repeat | round 2 wall (s) | process CPU (s) | client work (s) "
-            "| outside client work (s) | mean work per client (s) |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+            "| outside client work (s) | mean work per client (s) | polls answered Wait |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         for r, m in enumerate(o["simulated"]):
             work = m["train_seconds"] + (m["eval_seconds"] or 0.0)
             lines.append(
                 f"| simulated | {r + 1} | {m['seconds']:.2f} | {m['window_cpu_s']:.2f} | {work:.2f} "
-                f"| {m['seconds'] - work:.2f} | {work / o['clients']:.3f} |"
+                f"| {m['seconds'] - work:.2f} | {work / o['clients']:.3f} | – |"
             )
         for r, m in enumerate(o["deployed"]):
             lines.append(
@@ -576,7 +618,7 @@ def tables(report: dict[str, Any]) -> str:
                 f"| {m['work_span_s']:.2f} | {m['seconds'] - m['work_span_s']:.2f} "
                 f"(to first work {m['open_to_first_work_s']:.2f}, "
                 f"after last {m['last_work_to_close_s']:.2f}) "
-                f"| {m['mean_client_work_s']:.3f} |"
+                f"| {m['mean_client_work_s']:.3f} | {m['wait_replies']} |"
             )
         lines.append(
             f"\noverhead ratio deployed / simulated (fastest of each): **{o['ratio']:.2f}** wall, "
@@ -585,7 +627,8 @@ def tables(report: dict[str, Any]) -> str:
     if "throughput" in report:
         t = report["throughput"]
         lines += [
-            f"\nThroughput, one transfer at a time, update = {t['update_bytes']:,} B "
+            f"\nThroughput, one transfer at a time, extra server gRPC options: "
+            f"{report['server_options'] or 'none'}, update = {t['update_bytes']:,} B "
             f"({t['adapter_numel']:,} float32):\n",
             "| direction | transfers | median MB/s | best MB/s | worst MB/s |",
             "| --- | ---: | ---: | ---: | ---: |",
@@ -595,8 +638,9 @@ def tables(report: dict[str, Any]) -> str:
             lines.append(f"| {label} | {d['n']} | {d['median']:.0f} | {d['best']:.0f} | {d['worst']:.0f} |")
     if "memory" in report:
         lines += [
-            "\nServer peak RSS, FedAvg, all clients download and upload at once (secure aggregation: "
-            "refused by `fedtune server`, not measured):\n",
+            "\nServer peak RSS, FedAvg in the clear (secure aggregation not measured), all clients "
+            "download and upload at once; extra server gRPC options: "
+            f"{report['server_options'] or 'none'}:\n",
             "| clients | server allocator | baseline RSS (MiB) | peak RSS (MiB) | peak - baseline (MiB) "
             "| N x update (MiB) | round 1 (s) | round 2 (s) | server CPU (s) |",
             "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
@@ -620,9 +664,16 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=24, help="part 1: texts per site")
     parser.add_argument("--poll-interval", type=float, default=0.1, help="part 1: deploy.poll_interval_s")
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--torch-threads", type=int, default=None, help="part 1: torch threads (both sides)")
+    parser.add_argument("--torch-threads", type=int, default=1, help="part 1: run.threads (both sides)")
     parser.add_argument("--sizes", default="10,50,100", help="part 3: numbers of clients")
     parser.add_argument("--parts", default="round,throughput,memory")
+    parser.add_argument(
+        "--server-option",
+        action="append",
+        default=[],
+        metavar="NAME=INT",
+        help="parts 2-3: a gRPC option added to the server's, e.g. grpc.http2.bdp_probe=0 (repeatable)",
+    )
     parser.add_argument("--out", default="bench/out/deploy.json")
     parser.add_argument("--server-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -641,19 +692,27 @@ def main() -> None:
     if args.quick:
         args.clients, args.steps, args.repeats, args.sizes = 4, 2, 1, "2,4"
     parts = args.parts.split(",")
+    server_options = [(k, int(v)) for k, v in (o.split("=", 1) for o in args.server_option)]
+    os.environ[GRPC_OPTIONS_ENV] = json.dumps(server_options)
     sizes = [int(x) for x in args.sizes.split(",")]
-    if args.torch_threads is not None:
-        import torch
-
-        torch.set_num_threads(args.torch_threads)
-    report: dict[str, Any] = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M")}
+    report: dict[str, Any] = {
+        "machine": machine(),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "server_options": server_options,
+    }
     print(f"machine: {json.dumps(report['machine'])}", flush=True)
     with tempfile.TemporaryDirectory(prefix="fedtune-bench-deploy-") as tmp:
         root = Path(tmp)
         if "round" in parts:
             print(f"1. one round, {args.clients} clients: deployed vs simulated", flush=True)
             report["round"] = round_overhead(
-                root / "round", args.clients, args.steps, args.examples, args.poll_interval, args.repeats
+                root / "round",
+                args.clients,
+                args.steps,
+                args.examples,
+                args.poll_interval,
+                args.torch_threads,
+                args.repeats,
             )
         if "throughput" in parts or "memory" in parts:
             raw_root = root / "raw"
