@@ -7,8 +7,10 @@ hand, with the machine).
    Same config, same local steps, same evaluation work (each deployed client evaluates the global adapter
    on its held-out split; the simulation evaluates all 50 clients in its last round). Round 2 is compared,
    round 1 being the warm-up. Alternated `--repeats` times; the ratio uses the fastest of each side.
-   Reported next to the walls: the process CPU time of round 2 on each side (the deployed side's extra CPU
-   is the transport: TLS, gRPC, protobuf, polling, copies) and the simulation's train and eval seconds.
+   `run.threads = 1` on both sides by default (`--torch-threads`). Reported next to the walls: the
+   process CPU time of round 2 on each side, the simulation's train and eval seconds, and on the deployed
+   side the time outside client work (round opened -> first `Site.work`, last one done -> round closed:
+   the transport on the critical path, timed by wrapping those methods in this process only).
 2. Throughput: a server (`serve` in a child process) whose adapter is LoRA rank 51 on the tiny model's
    lm_head (2,510,016 float32 values, 10.04 MB); raw-protocol clients (join, GetTask, SubmitUpdate of a
    random float32 delta, no model) time each download and upload alone (a lock serializes them).
@@ -44,7 +46,6 @@ from pathlib import Path
 from typing import Any
 
 THROUGHPUT_LORA = ("lora.target_modules=['lm_head']", "lora.rank=51")  # 51 x (64 + 49,152) values
-GRPC_OPTIONS_ENV = "BENCH_GRPC_OPTIONS"
 ALLOCATORS = {"glibc default": {}, "mmap threshold 128 KiB": {"MALLOC_MMAP_THRESHOLD_": "131072"}}
 
 
@@ -355,16 +356,10 @@ def round_overhead(
 
 
 def server_child(config_path: str) -> None:
-    """Runs in a fresh process: serve the config, report the port and baseline, then the peak. gRPC
-    options in $BENCH_GRPC_OPTIONS (from --server-option) are added to the server's own."""
+    """Runs in a fresh process: serve the config, report the port and baseline, then the peak."""
     from fedtune.config import load_config
-    from fedtune.deploy import server as server_module
+    from fedtune.deploy.server import serve
 
-    extra = [(name, value) for name, value in json.loads(os.environ.get(GRPC_OPTIONS_ENV, "[]"))]
-    if extra:
-        own = server_module.grpc_options
-        server_module.grpc_options = lambda chunk_bytes: own(chunk_bytes) + extra
-    serve = server_module.serve
     config = load_config(Path(config_path))
     port: list[int] = []
     done: dict[str, Any] = {}
@@ -627,8 +622,7 @@ def tables(report: dict[str, Any]) -> str:
     if "throughput" in report:
         t = report["throughput"]
         lines += [
-            f"\nThroughput, one transfer at a time, extra server gRPC options: "
-            f"{report['server_options'] or 'none'}, update = {t['update_bytes']:,} B "
+            f"\nThroughput, one transfer at a time, update = {t['update_bytes']:,} B "
             f"({t['adapter_numel']:,} float32):\n",
             "| direction | transfers | median MB/s | best MB/s | worst MB/s |",
             "| --- | ---: | ---: | ---: | ---: |",
@@ -639,8 +633,7 @@ def tables(report: dict[str, Any]) -> str:
     if "memory" in report:
         lines += [
             "\nServer peak RSS, FedAvg in the clear (secure aggregation not measured), all clients "
-            "download and upload at once; extra server gRPC options: "
-            f"{report['server_options'] or 'none'}:\n",
+            "download and upload at once:\n",
             "| clients | server allocator | baseline RSS (MiB) | peak RSS (MiB) | peak - baseline (MiB) "
             "| N x update (MiB) | round 1 (s) | round 2 (s) | server CPU (s) |",
             "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
@@ -667,13 +660,6 @@ def main() -> None:
     parser.add_argument("--torch-threads", type=int, default=1, help="part 1: run.threads (both sides)")
     parser.add_argument("--sizes", default="10,50,100", help="part 3: numbers of clients")
     parser.add_argument("--parts", default="round,throughput,memory")
-    parser.add_argument(
-        "--server-option",
-        action="append",
-        default=[],
-        metavar="NAME=INT",
-        help="parts 2-3: a gRPC option added to the server's, e.g. grpc.http2.bdp_probe=0 (repeatable)",
-    )
     parser.add_argument("--out", default="bench/out/deploy.json")
     parser.add_argument("--server-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -692,13 +678,10 @@ def main() -> None:
     if args.quick:
         args.clients, args.steps, args.repeats, args.sizes = 4, 2, 1, "2,4"
     parts = args.parts.split(",")
-    server_options = [(k, int(v)) for k, v in (o.split("=", 1) for o in args.server_option)]
-    os.environ[GRPC_OPTIONS_ENV] = json.dumps(server_options)
     sizes = [int(x) for x in args.sizes.split(",")]
     report: dict[str, Any] = {
         "machine": machine(),
         "date": time.strftime("%Y-%m-%d %H:%M"),
-        "server_options": server_options,
     }
     print(f"machine: {json.dumps(report['machine'])}", flush=True)
     with tempfile.TemporaryDirectory(prefix="fedtune-bench-deploy-") as tmp:
