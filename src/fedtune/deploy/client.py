@@ -115,10 +115,8 @@ def load_site_data(
     cfg = config.data
     rng = numpy_rng(config.run.seed, "site-data", client_id)
     chosen = cap_and_shuffle(np.arange(len(records.texts)), cfg.max_examples_per_client, rng)
-    examples = [
-        ids for ids in tokenize([records.texts[i] for i in chosen.tolist()], tokenizer, cfg.max_seq_len)
-    ]
-    examples = [ids for ids in examples if len(ids) >= 2]
+    token_ids = tokenize([records.texts[i] for i in chosen.tolist()], tokenizer, cfg.max_seq_len)
+    examples = [ids for ids in token_ids if len(ids) >= 2]
     if len(examples) < cfg.min_examples:
         raise DataError(
             f"{path} has {len(examples)} usable examples in field {text_field!r}; this run needs at least "
