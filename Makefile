@@ -52,10 +52,10 @@ bench: install-dev
 	$(BIN)/python bench/privacy_utility.py
 	$(BIN)/python bench/deploy.py
 
-# the wire schema: regenerate after editing proto/fedtune_v1.proto (the generated module is committed)
+# the wire schema: regenerate after editing proto/fedtune_v2.proto (the generated module is committed)
 proto: install-dev
 	$(BIN)/python -m grpc_tools.protoc -I proto --python_out=src/fedtune/transport \
-		--pyi_out=src/fedtune/transport proto/fedtune_v1.proto
+		--pyi_out=src/fedtune/transport proto/fedtune_v2.proto
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

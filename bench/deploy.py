@@ -448,7 +448,7 @@ def raw_client(
 
     from fedtune.deploy.client import CALL_TIMEOUT_S, Stub, _get_task, _join, _update_stream, open_channel
     from fedtune.pki import common_name, load_identity
-    from fedtune.transport import fedtune_v1_pb2 as pb
+    from fedtune.transport import fedtune_v2_pb2 as pb
     from fedtune.transport.wire import float32_bytes
 
     client_id = common_name(load_identity(certs).cert_pem)

@@ -29,7 +29,7 @@ import torch
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
 from fedtune.aggregate import make_aggregator
-from fedtune.client import batch_schedule
+from fedtune.train.local import batch_schedule
 from fedtune.config import load_config
 from fedtune.data.batching import collate
 from fedtune.seeding import derive_seed

@@ -30,13 +30,13 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 @pytest.fixture(scope="session")
 def tiny_dir() -> Path:
-    from fedtune.models import resolve_model_dir
+    from fedtune.model.base import resolve_model_dir
 
     return resolve_model_dir("tiny")
 
 
 @pytest.fixture(scope="session")
 def tokenizer(tiny_dir: Path):
-    from fedtune.models import load_tokenizer
+    from fedtune.model.base import load_tokenizer
 
     return load_tokenizer(tiny_dir)

@@ -68,7 +68,11 @@ class RunningServer:
     thread: threading.Thread
     stop: threading.Event
     result: dict[str, Any] = field(default_factory=dict)
-    rows: list[dict[str, Any]] = field(default_factory=list)
+    rows: list[dict[str, Any]] = field(default_factory=list)  # metrics rows, as metrics.jsonl has them
+
+    def trained(self) -> list[dict[str, Any]]:
+        """The rows of training rounds (round 0 is the evaluation before training)."""
+        return [r for r in self.rows if r["round"] > 0]
 
     @property
     def target(self) -> str:
@@ -77,9 +81,10 @@ class RunningServer:
 
 @contextmanager
 def running_server(
-    config: Config, *, insecure: bool = False, resume: bool = False
+    config: Config, *, insecure: bool = False, resume: bool = False, **serve_options: Any
 ) -> Iterator[RunningServer]:
-    """`fedtune.deploy.server.serve` in a thread; stopped (and joined) on exit."""
+    """`fedtune.deploy.server.serve` in a thread; stopped (and joined) on exit. `rows` collects each
+    round's metrics row (round 0, the evaluation before training, first)."""
     from fedtune.deploy.server import serve
 
     port: list[int] = []
@@ -90,7 +95,13 @@ def running_server(
     def target() -> None:
         try:
             holder["result"] = serve(
-                config, resume=resume, insecure=insecure, stop=stop, bound_port=port, on_round=rows.append
+                config,
+                resume=resume,
+                insecure=insecure,
+                stop=stop,
+                bound_port=port,
+                on_round=lambda result: rows.append(result.to_row()),
+                **serve_options,
             )
         except BaseException as exc:  # surfaced by the test through `result["error"]`
             holder["error"] = exc

@@ -6,10 +6,10 @@ import pytest
 import torch
 from peft import PeftModel
 
-from fedtune.adapter import FlatAdapter, attach_lora, save_adapter
+from fedtune.model.adapter import FlatAdapter, attach_lora, save_adapter
 from fedtune.config import LoraSettings
 from fedtune.errors import ConfigError
-from fedtune.models import load_base_model
+from fedtune.model.base import load_base_model
 
 
 @pytest.fixture

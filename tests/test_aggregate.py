@@ -1,13 +1,16 @@
-"""Aggregation rules against hand-computed answers, and the aggregator's streaming path."""
+"""Aggregation rules against hand-computed answers, the streaming sum, and rule -> optimizer composed."""
 
 import pytest
 import torch
 
 from fedtune.aggregate import (
     Aggregator,
+    RunningSum,
     ServerAdaptive,
     ServerMomentum,
     ServerSGD,
+    SummedUpdates,
+    UpdateStack,
     coordinate_median,
     make_aggregator,
     trimmed_mean,
@@ -30,10 +33,25 @@ def test_streaming_aggregator_matches_stacked_rule():
     deltas = torch.randn(7, 1000, generator=gen)
     weights = torch.randint(1, 50, (7,), generator=gen).float()
     agg = Aggregator(rule=weighted_mean, server_opt=ServerSGD(lr=1.0))
-    assert agg.streaming
+    assert agg.linear
+    running, stack = RunningSum(), UpdateStack()
     for d, w in zip(deltas, weights, strict=True):
-        agg.add(d, float(w))
-    assert torch.allclose(agg.aggregate(), weighted_mean(deltas, weights), atol=1e-6)
+        running.add(d, float(w))
+        stack.add(d, float(w))
+    summed = running.summed(1000)
+    assert summed.count == 7 and summed.denominator == float(weights.sum())
+    assert torch.allclose(agg.delta(summed), weighted_mean(deltas, weights), atol=1e-6)
+    assert torch.allclose(agg.delta(stack.stacked()), agg.delta(summed), atol=1e-6)
+
+
+def test_a_sum_over_a_public_denominator_is_divided_by_it():
+    agg = Aggregator(rule=weighted_mean, server_opt=ServerSGD(lr=1.0))
+    summed = SummedUpdates(torch.tensor([4.0, 8.0], dtype=torch.float64), denominator=4.0, count=2)
+    assert torch.equal(agg.delta(summed), torch.tensor([1.0, 2.0]))
+    median = make_aggregator(ServerConfig(rule="median"))
+    assert not median.linear
+    with pytest.raises(ValueError, match="needs every update"):
+        median.delta(summed)
 
 
 def test_median_and_trimmed_mean_known_answers():
@@ -57,19 +75,38 @@ def test_robust_rule_resists_one_outlier_where_fedavg_does_not():
 
 def test_aggregator_applies_server_lr_and_resets():
     agg = make_aggregator(ServerConfig(lr=0.5))
-    agg.add(torch.tensor([2.0, 4.0]), 1)
-    agg.add(torch.tensor([4.0, 8.0]), 3)
-    new = agg.finish(torch.tensor([1.0, 1.0]))
+    running = RunningSum()
+    running.add(torch.tensor([2.0, 4.0]), 1)
+    running.add(torch.tensor([4.0, 8.0]), 3)
+    new = agg.step(torch.tensor([1.0, 1.0]), running.summed(2))
     assert torch.allclose(new, torch.tensor([1.0 + 0.5 * 3.5, 1.0 + 0.5 * 7.0]))
-    assert agg.count == 0
     with pytest.raises(ValueError, match="no client update"):
-        agg.finish(new)
+        make_aggregator(ServerConfig(rule="median")).delta(_empty())
 
 
-def test_aggregator_rejects_nonpositive_weight():
-    agg = make_aggregator(ServerConfig())
-    with pytest.raises(ValueError, match="positive"):
-        agg.add(torch.ones(2), 0)
+def _empty():
+    from fedtune.aggregate import StackedUpdates
+
+    return StackedUpdates(torch.zeros(0, 2), torch.zeros(0))
+
+
+def test_a_users_own_rule_replaces_the_configured_one():
+    def largest_norm_dropped(deltas: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        keep = deltas.norm(dim=1).argsort()[:-1]
+        return weighted_mean(deltas[keep], weights[keep])
+
+    agg = make_aggregator(ServerConfig(), rule=largest_norm_dropped)
+    assert not agg.linear
+    stack = UpdateStack()
+    for d, w in zip(DELTAS, WEIGHTS, strict=True):
+        stack.add(d, float(w))
+    assert torch.allclose(agg.delta(stack.stacked()), torch.tensor([7 / 3, 10 / 3]))
+
+
+def test_sums_and_stacks_reject_nonpositive_weight():
+    for collection in (RunningSum(), UpdateStack()):
+        with pytest.raises(ValueError, match="positive"):
+            collection.add(torch.ones(2), 0)
 
 
 def test_server_momentum_accumulates():

@@ -3,6 +3,8 @@
 Each test starts real processes through the CLI, as a site admin would, and kills them with SIGKILL where a
 crash is the point: a client killed mid-round leaves a straggler and the round completes without it; a
 server killed mid-round and restarted with --resume ends with the same adapter as an uninterrupted run.
+The server binds port 0 and the test reads the port it got from its log; a restarted server binds the
+port its killed predecessor had, which the clients keep retrying.
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -34,10 +35,20 @@ def env() -> dict[str, str]:
     return {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "COLUMNS": "200"}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+SERVING = re.compile(r"serving on 127\.0\.0\.1:(\d+)")
+
+
+def bound_port(log: Path, server: subprocess.Popen, timeout_s: float = 120) -> int:
+    """The port the server process bound, from its log (it binds port 0)."""
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        found = SERVING.findall(log.read_text()) if log.exists() else []
+        if found:
+            return int(found[-1])
+        if server.poll() is not None:
+            raise AssertionError(f"the server exited ({server.returncode}): {log.read_text()[-3000:]}")
+        time.sleep(0.05)
+    raise AssertionError("the server never said which port it serves on")
 
 
 def start_server(config_file: Path, log: Path, *extra: str) -> subprocess.Popen:
@@ -70,14 +81,14 @@ def start_client(port: int, data: Path, certs: Path, log: Path) -> subprocess.Po
 
 
 @contextmanager
-def deployment(tmp: Path, port: int, *overrides: str, run: str = "run") -> Iterator[dict]:
-    """Files for a 3-site run on `port`; every process started through it is killed on exit."""
+def deployment(tmp: Path, *overrides: str, run: str = "run") -> Iterator[dict]:
+    """Files for a 3-site run; every process started through it is killed on exit."""
     certs = tmp / "certs"
     if not certs.exists():
         make_certs(tmp)
     data = make_site_data(tmp)
     config = deploy_config(
-        tmp, certs, SITES, f"deploy.address='127.0.0.1:{port}'", f"run.dir='{tmp / run}'", *overrides
+        tmp, certs, SITES, "deploy.address='127.0.0.1:0'", f"run.dir='{tmp / run}'", *overrides
     )
     config_file = tmp / f"{run}.toml"
     config_file.write_text(to_toml(config))
@@ -88,7 +99,6 @@ def deployment(tmp: Path, port: int, *overrides: str, run: str = "run") -> Itera
         "config": config_file,
         "run_dir": tmp / run,
         "procs": procs,
-        "port": port,
     }
     try:
         yield ctx
@@ -102,6 +112,7 @@ def deployment(tmp: Path, port: int, *overrides: str, run: str = "run") -> Itera
 def start_all(ctx: dict, tmp: Path) -> subprocess.Popen:
     server = start_server(ctx["config"], tmp / "server.log")
     ctx["procs"].append(server)
+    ctx["port"] = bound_port(tmp / "server.log", server)
     for site in SITES:
         ctx["procs"].append(
             start_client(ctx["port"], ctx["data"][site], ctx["certs"] / "clients" / site, tmp / f"{site}.log")
@@ -148,16 +159,19 @@ def logs(tmp: Path) -> str:
 
 
 def test_server_and_client_processes_complete_rounds_with_mutual_tls(tmp_path: Path) -> None:
-    with deployment(tmp_path, free_port()) as ctx:
+    with deployment(tmp_path) as ctx:
         server = start_all(ctx, tmp_path)
         assert server.wait(timeout=240) == 0, logs(tmp_path)
         for client in ctx["procs"][1:]:
             assert client.wait(timeout=60) == 0, logs(tmp_path)
     rows = RunDir(ctx["run_dir"]).read_metrics()
-    assert [r["round"] for r in rows] == [1, 2]
-    for row in rows:
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert rows[0]["eval_clients"] == 3 and rows[-1]["eval_clients"] == 3  # evaluated before and after
+    assert rows[-1]["eval_loss"] < rows[0]["eval_loss"]
+    for row in rows[1:]:
         assert row["clients"] == 3 and sorted(row["client_ids"]) == sorted(SITES)
-        assert row["stragglers"] == [] and row["bytes_up"] > 0 and row["eval_loss"] is not None
+        assert row["stragglers"] == [] and row["bytes_up"] > 0
+    assert rows[1]["eval_loss"] is None  # eval.every = 2: round 1 is not evaluated, round 2 (the last) is
     assert (ctx["run_dir"] / "adapter" / "adapter_model.safetensors").is_file()
     assert "mutual TLS" in (tmp_path / "server.log").read_text()
     for site in SITES:
@@ -174,19 +188,21 @@ def test_a_client_killed_mid_round_does_not_fail_the_round(tmp_path: Path) -> No
     overrides = (
         "federation.rounds=1",
         "federation.local_steps=30",
-        "deploy.min_clients=2",
+        "federation.min_clients=2",
         "deploy.round_timeout_s=30",
+        "deploy.eval_timeout_s=10",
     )
-    with deployment(tmp_path, free_port(), *overrides) as ctx:
+    with deployment(tmp_path, *overrides) as ctx:
         server = start_all(ctx, tmp_path)
         victim_proc = ctx["procs"][1 + SITES.index(victim)]
         wait_for(lambda: participants(ctx["run_dir"], 1).get(victim) == "sent", 120, "the victim's task")
         victim_proc.send_signal(signal.SIGKILL)
         assert server.wait(timeout=120) == 0, logs(tmp_path)
-    (row,) = RunDir(ctx["run_dir"]).read_metrics()
+    _, row = RunDir(ctx["run_dir"]).read_metrics()
     assert row["clients"] == 2, row
     assert row["stragglers"] == [victim]
-    assert "round_failed" not in row
+    assert row["round_failed"] is None
+    assert row["eval_clients"] == 2  # the victim is gone: the others evaluate the new adapter
     assert participants(ctx["run_dir"], 1)[victim] == "straggler"
 
 
@@ -203,13 +219,13 @@ def test_server_killed_mid_round_resumes_to_the_same_adapter(tmp_path: Path, kil
         "compression.method='quantize'",
         "compression.bits=8",
     )
-    with deployment(tmp_path / "a", free_port(), *overrides) as ctx:
+    with deployment(tmp_path / "a", *overrides) as ctx:
         server = start_all(ctx, tmp_path / "a")
         assert server.wait(timeout=240) == 0, logs(tmp_path / "a")
     expected = _adapter(ctx["run_dir"])
 
     b = tmp_path / "b"
-    with deployment(b, free_port(), *overrides) as ctx:
+    with deployment(b, *overrides) as ctx:
         server = start_all(ctx, b)
         run_dir = ctx["run_dir"]
 
@@ -224,12 +240,15 @@ def test_server_killed_mid_round_resumes_to_the_same_adapter(tmp_path: Path, kil
         server.wait(timeout=30)
         killed_in = max(r for r in (2, 3, 4) if round_status(run_dir, r) is not None)
         assert round_status(run_dir, killed_in) == "open"
-        resumed = start_server(ctx["config"], b / "server.log", "--resume")
+        port = ctx["port"]  # the clients retry it: the new server binds it again
+        resumed = start_server(
+            ctx["config"], b / "server.log", "--resume", "--set", f"deploy.address='127.0.0.1:{port}'"
+        )
         ctx["procs"].append(resumed)
         assert resumed.wait(timeout=240) == 0, logs(b)
         assert f"resuming after round {killed_in - 1}" in (b / "server.log").read_text()
     rows = RunDir(run_dir).read_metrics()
-    assert [r["round"] for r in rows] == [1, 2, 3, 4]
+    assert [r["round"] for r in rows] == [0, 1, 2, 3, 4]
     got = _adapter(run_dir)
     assert got.keys() == expected.keys()
     for name, tensor in expected.items():

@@ -29,11 +29,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fedtune.deploy.client import Stub, open_channel
-from fedtune.deploy.server import STATE_FILE, grpc_options
+from fedtune.deploy.server import STATE_FILE
 from fedtune.pki import issue_client
 from fedtune.store import REFUSED_EVENT_PREFIX, Store
-from fedtune.transport import fedtune_v1_pb2 as pb
+from fedtune.transport import fedtune_v2_pb2 as pb
+from fedtune.transport.channel import Stub, grpc_options, open_channel
 from fedtune.transport.wire import PROTOCOL_VERSION, SERVICE, float32_bytes
 from tests.deploy_fixtures import RunningServer, deploy_config, make_certs, running_server
 
@@ -110,16 +110,29 @@ def get_task(stub: Stub, session: bytes) -> list[pb.TaskReply]:
 
 
 def poll_task(stub: Stub, session: bytes, within_s: float = 30.0) -> tuple[pb.Task, bytes] | None:
-    """Ask until the server hands out a task: its header and the adapter bytes from the chunks after it."""
+    """Ask until the server hands out a training task: its header and the adapter bytes from the chunks
+    after it. An evaluation task (round 0's, before training) is answered with a report on the way."""
     end = time.monotonic() + within_s
     while time.monotonic() < end:
         replies = get_task(stub, session)
         kind = replies[0].WhichOneof("kind")
         if kind == "task":
+            task = replies[0].task
             assert all(r.WhichOneof("kind") == "adapter_chunk" for r in replies[1:])
             adapter = b"".join(r.adapter_chunk for r in replies[1:])
-            assert len(adapter) == replies[0].task.adapter_numel * 4
-            return replies[0].task, adapter
+            assert len(adapter) == task.adapter_numel * 4
+            if task.kind == pb.TASK_EVALUATE:
+                header = pb.UpdateHeader(
+                    session=session,
+                    round=task.round,
+                    nonce=task.nonce,
+                    encoding=pb.ENCODING_EVALUATION,
+                    eval_nll=10.0,
+                    eval_tokens=5,
+                )
+                assert submit(stub, [pb.UpdateChunk(header=header).SerializeToString()]).accepted
+                continue
+            return task, adapter
         assert kind == "wait" and len(replies) == 1, replies
         time.sleep(replies[0].wait.retry_after_ms / 1000)
     return None
@@ -174,8 +187,8 @@ def fed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
         "federation.rounds=1",
         "deploy.round_timeout_s=120",
         "deploy.min_connected=1",
-        "deploy.min_clients=1",
         "deploy.session_timeout_s=600",
+        "deploy.eval_timeout_s=3",
     )
     with running_server(config) as server:
         store = Store(config.run.resolved_dir / STATE_FILE, create=False)
@@ -590,8 +603,9 @@ def header_change(numel: int) -> st.SearchStrategy[Build]:
         "num_examples": st.one_of(st.sampled_from([0, 1, 2**64 - 1]), st.integers(0, 2**64 - 1)),
         "num_steps": st.integers(0, 2**32 - 1),
         "train_loss": st.floats(),
-        "eval_loss": st.floats(),
-        "eval_examples": st.integers(0, 2**32 - 1),
+        "eval_nll": st.floats(),
+        "eval_tokens": st.integers(0, 2**64 - 1),
+        "dpsgd_epsilon": st.floats(),
         "error": st.text(max_size=8),
         "fits_clip": st.booleans(),
     }
@@ -726,8 +740,9 @@ def test_the_round_counts_every_refused_message(fed):
     fed.server.thread.join(timeout=60)
     assert not fed.server.thread.is_alive()
     assert "error" not in fed.server.result, fed.server.result.get("error")
-    (row,) = fed.server.rows
-    assert row["round"] == 1 and "round_failed" not in row
+    before, row = fed.server.rows  # round 0 (site-a evaluated the initial adapter) and round 1
+    assert before["round"] == 0 and before["eval_clients"] == 1
+    assert row["round"] == 1 and row["round_failed"] is None
     assert A in row["client_ids"]
     assert {"site-c", *(c for c in waiting if c != A)} <= set(row["failed_clients"])
     if "site-c" not in waiting:  # its payload was refused for not decoding: the reason is kept
@@ -735,8 +750,11 @@ def test_the_round_counts_every_refused_message(fed):
     events = fed.events()
     assert all(kind.startswith(f"{REFUSED_EVENT_PREFIX}_") for kind in events)
     recorded = {kind.removeprefix(f"{REFUSED_EVENT_PREFIX}_"): n for kind, n in events.items()}
-    assert row["refused_messages"] == recorded
-    assert recorded["wrong_version"] >= 1  # at least the fixture's, sent before the round opened
+    counted = dict(row["refused_messages"])
+    for kind, n in before["refused_messages"].items():
+        counted[kind] = counted.get(kind, 0) + n
+    assert counted == recorded
+    assert before["refused_messages"]["wrong_version"] >= 1  # the fixture's, sent before round 0 opened
     statuses = {p.client_id: p.status for p in fed.store.rounds()[-1].participants}
     assert statuses[A] == "submitted" and statuses["site-c"] == "refused"
     assert not {"selected", "sent"} & set(statuses.values())

@@ -16,8 +16,9 @@ from fedtune.privacy.adaptive import (
     next_clip,
     noised_unclipped_fraction,
 )
+from fedtune.privacy.clip import clip_l2
 from fedtune.privacy.dpfedavg import ClientLevelDp
-from fedtune.privacy.settings import PrivacyPlan
+from fedtune.privacy.plan import PrivacyPlan
 
 
 @pytest.mark.parametrize("start", [0.01, 100.0])
@@ -74,21 +75,21 @@ def _plan(**changes):
     return PrivacyPlan(**{**base, **changes})
 
 
-def test_a_central_round_clips_noises_accounts_and_stops_on_budget():
+def test_a_central_round_noises_the_sum_accounts_and_stops_on_budget():
     dp = ClientLevelDp(_plan(target_epsilon=1.5), torch.Generator().manual_seed(0))
-    deltas = [torch.full((1000,), 1.0), torch.zeros(1000), torch.full((1000,), 1e-4)]
-    clipped = [dp.clip(d) for d in deltas]
-    assert [fits for _, fits in clipped] == [False, True, True]
-    assert all(float(c.double().norm()) <= 0.5 for c, _ in clipped)
-    total = sum(c for c, _ in clipped)
-    mean = dp.noised_mean(total)
-    noise_std = float((mean * 10 - total).std())  # the noise on the sum has std z * C
+    assert dp.client_clip_l2_norm == 0.5  # no quantization margin in the clear
+    clipped = [clip_l2(d, dp.client_clip_l2_norm) for d in (torch.full((1000,), 1.0), torch.zeros(1000))]
+    assert [c.clipped for c in clipped] == [True, False]
+    total = sum(c.delta.double() for c in clipped)
+    noised = dp.add_noise(total)
+    noise_std = float((noised - total).std())  # the noise on the sum has std z * C
     assert noise_std == pytest.approx(1.0 * 0.5, rel=0.15)
+    assert torch.allclose(dp.mean(noised), (noised / 10).float())  # over the public expected cohort
     rounds = 0
     while dp.round_fits_budget():
-        row = dp.end_round()
+        metrics = dp.end_round()
         rounds += 1
-        assert row["epsilon"] <= 1.5 and row["epsilon_known_cohort"] > row["epsilon"]
+        assert metrics.epsilon <= 1.5 and metrics.epsilon_known_cohort > metrics.epsilon
     assert rounds >= 1 and dp.accountant.epsilon_after(dp.plan.mechanism(), 1e-3) > 1.5
     resumed = ClientLevelDp.from_state_dict(dp.plan, dp.state_dict(), torch.Generator())
     assert resumed.accountant.epsilon(1e-3) == dp.accountant.epsilon(1e-3)
@@ -101,8 +102,8 @@ def test_adaptive_rounds_move_the_clip_and_log_the_noised_fraction():
         delta_noise_multiplier=delta_noise_multiplier(1.0, 2.0),
     )
     dp = ClientLevelDp(plan, torch.Generator().manual_seed(0))
-    row = dp.end_round(unclipped=10, reported=10)  # everyone fit: C shrinks
-    assert dp.clip_l2_norm < 0.5 and 0 <= row["dp_unclipped_fraction"] <= 1
-    assert row["dp_clip_l2_norm"] == 0.5  # the C that round used
+    metrics = dp.end_round(unclipped=10, reported=10)  # everyone fit: C shrinks
+    assert dp.clip_l2_norm < 0.5 and 0 <= metrics.unclipped_fraction <= 1
+    assert metrics.clip_l2_norm == 0.5  # the C that round used
     state = dp.state_dict()
     assert ClientLevelDp.from_state_dict(plan, state, torch.Generator()).clip_l2_norm == dp.clip_l2_norm

@@ -4,19 +4,14 @@ import pytest
 import torch
 from opacus import GradSampleModule
 
-from fedtune.adapter import FlatAdapter, attach_lora
-from fedtune.client import LocalTrainer
+from fedtune.model.adapter import FlatAdapter, attach_lora
+from fedtune.train.local import LocalTrainer
 from fedtune.config import LoraSettings, TrainConfig
 from fedtune.data import ClientData
 from fedtune.data.batching import collate
-from fedtune.models import load_base_model
-from fedtune.privacy.dpsgd import (
-    DpSgdSettings,
-    DpSgdTrainer,
-    per_example_loss,
-    poisson_batches,
-    record_epsilon,
-)
+from fedtune.model.base import load_base_model
+from fedtune.privacy.dpsgd import record_epsilon
+from fedtune.train.dpsgd import DpSgdSettings, DpSgdTrainer, per_example_loss, poisson_batches
 
 
 def lora_model(tiny_dir, dropout):
@@ -103,7 +98,7 @@ def test_record_epsilon_matches_dp_accounting():
 @pytest.mark.filterwarnings("ignore:Model has `tie_word_embeddings=True`")
 def test_lora_on_an_embedding_is_refused_with_the_reason(tiny_dir):
     from fedtune.errors import ConfigError
-    from fedtune.privacy.dpsgd import check_dpsgd_model
+    from fedtune.train.dpsgd import check_dpsgd_model
 
     model, _ = lora_model(tiny_dir, dropout=0.0)
     check_dpsgd_model(model)  # the attention projections: linear, fine

@@ -21,7 +21,7 @@ from fedtune.privacy.noise import (
     os_entropy_rng,
     skellam,
 )
-from fedtune.secagg.encoding import FixedPoint, encode
+from fedtune.secagg.fixedpoint import FixedPoint, encode
 
 N = 1_000_000
 

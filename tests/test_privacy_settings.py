@@ -3,13 +3,19 @@
 import pytest
 from pydantic import ValidationError
 
-from fedtune.config import Config, to_toml, validate
+from fedtune.config import Config, check, to_toml, validate
 from fedtune.errors import ConfigError
-from fedtune.privacy.settings import PrivacyConfig, check_privacy, plan_privacy
+from fedtune.privacy.plan import plan_privacy as plan_section
+from fedtune.privacy.settings import PrivacyConfig
 
 
 def config(**sections) -> Config:
     return Config.model_validate(sections)
+
+
+def plan_privacy(cfg: Config, **sizes):
+    """The `[privacy]` plan over the config's rounds (the section and plain sizes, never the config)."""
+    return plan_section(cfg.privacy, rounds=cfg.federation.rounds, **sizes)
 
 
 @pytest.mark.parametrize(
@@ -62,8 +68,18 @@ def test_fields_are_validated_and_typed():
         PrivacyConfig(target_quantile=1.0)
     with pytest.raises(ValidationError):
         PrivacyConfig(unknown=1)
-    check_privacy(config())  # off: nothing to check
-    check_privacy(config(privacy={"mode": "central", "target_epsilon": 5.0, "sampling": "poisson"}))
+    check(config())  # off: nothing to check
+    check(config(privacy={"mode": "central", "target_epsilon": 5.0, "sampling": "poisson"}), "simulate")
+    with pytest.raises(ConfigError, match="simulated only"):
+        check(
+            config(
+                privacy={"mode": "central", "target_epsilon": 5.0, "sampling": "poisson"},
+                deploy={"clients": ["a", "b", "c", "d"]},
+            ),
+            "deploy",
+        )
+    with pytest.raises(ConfigError, match="federation.min_clients = 2 with privacy"):
+        validate({"privacy": {"mode": "central", "noise_multiplier": 1.0}, "federation": {"min_clients": 2}})
 
 
 def test_plan_calibrates_z_and_the_resolved_config_records_it():
@@ -88,7 +104,7 @@ def test_plan_calibrates_z_and_the_resolved_config_records_it():
 
 
 def test_distributed_plan_has_a_share_per_client_and_accounts_skellam():
-    from fedtune.secagg.encoding import FixedPoint
+    from fedtune.secagg.fixedpoint import FixedPoint
 
     cfg = config(
         privacy={"mode": "distributed", "noise_multiplier": 1.0, "clip_l2_norm": 0.1},
@@ -105,7 +121,7 @@ def test_central_noise_on_a_secure_sum_keeps_room_for_quantization():
     import torch
 
     from fedtune.privacy.dpfedavg import ClientLevelDp
-    from fedtune.secagg.encoding import FixedPoint
+    from fedtune.secagg.fixedpoint import FixedPoint
 
     cfg = config(
         privacy={"mode": "central", "noise_multiplier": 1.0, "clip_l2_norm": 0.5},
@@ -113,11 +129,11 @@ def test_central_noise_on_a_secure_sum_keeps_room_for_quantization():
     )
     spec = FixedPoint(bits=16, clip_range=0.1, max_weight=1, max_clients=4)
     with pytest.raises(ValueError, match="adapter_numel"):
-        plan_privacy(cfg, population=16, cohort=4)
+        plan_privacy(cfg, population=16, cohort=4, encoding_step=spec.step)
     plan = plan_privacy(cfg, population=16, cohort=4, adapter_numel=10_000, encoding_step=spec.step)
     assert plan is not None and plan.clip_margin == pytest.approx(100 * spec.step)
-    clipped, fits = ClientLevelDp(plan, torch.Generator()).clip(torch.ones(10_000))
-    assert not fits and float(clipped.double().norm()) <= 0.5 - plan.clip_margin
+    dp = ClientLevelDp(plan, torch.Generator())
+    assert dp.client_clip_l2_norm == pytest.approx(0.5 - plan.clip_margin)  # what clients clip to
     tiny = config(
         privacy={"mode": "central", "noise_multiplier": 1.0, "clip_l2_norm": 5e-4},
         secure_aggregation={"enabled": True},

@@ -17,13 +17,13 @@ from fedtune.secagg import (
     SecAggAbort,
     SecAggClient,
     SecAggParams,
-    SecAggRound,
+    SecAggStages,
     SecAggServer,
     Stage,
     neighbour_graph,
     run_secagg_round,
 )
-from fedtune.secagg.encoding import encode
+from fedtune.secagg.fixedpoint import decode, encode
 from fedtune.secagg.messages import AdvertiseKeys, UnmaskRequest, UnmaskResponse
 
 M = 97
@@ -95,27 +95,55 @@ def test_all_pairs_is_the_original_secagg():
     assert np.abs(result.weighted_mean - _plain_mean(vectors, weights, range(2, 10))).max() <= STEP
 
 
-def test_streaming_round_takes_updates_as_clients_finish_training():
+def test_the_stage_driver_takes_masked_inputs_as_clients_finish_training():
+    """The one driver both transports use: clients that drop before sharing keys are never asked for an
+    input, one that declines (its training failed) or never sends is a stage-2 dropout, and the sum is
+    of the inputs that arrived."""
     vectors, weights = _inputs(8, seed=4)
-    round_ = SecAggRound(
-        8,
-        M,
-        bits=BITS,
-        clip_range=CLIP,
-        max_weight=max(weights),
-        rounding_rng=np.random.default_rng(0),
-        dropouts={Stage.SHARE_KEYS: {0}, Stage.MASKED_INPUT: {1}},
-        graph_seed=SEED,
-    )
-    assert round_.share_keys() == (1, 2, 3, 4, 5, 6, 7)
-    submitted = [
-        i for i in range(8) if i != 5 and round_.submit(i, vectors[i], weights[i])
-    ]  # 5 failed training
-    assert submitted == [2, 3, 4, 6, 7]
-    result = round_.finish()
-    assert list(result.included) == submitted
-    assert np.abs(result.weighted_mean - _plain_mean(vectors, weights, submitted)).max() <= STEP
-    assert result.bytes_up[0] > 0 and result.bytes_up[2] - result.bytes_up[5] > 4 * (M + 2)
+    spec = FixedPoint(BITS, CLIP, max(weights), 8)
+    params = SecAggParams(0, M, 5, 7, spec)
+    clients = [SecAggClient(params, i) for i in range(8)]
+    stages = SecAggStages(params, range(8), graph_seed=SEED)
+    for i in range(8):
+        stages.receive(i, clients[i].advertise_keys())
+    stages.close_stage()
+    for i, msg in stages.outbox.items():
+        if i != 0:  # client 0 drops before sharing its keys
+            stages.delivered(i)
+            stages.receive(i, clients[i].share_keys(msg))
+    assert not stages.complete()  # client 0 is still expected
+    stages.close_stage()
+    assert sorted(stages.outbox) == [1, 2, 3, 4, 5, 6, 7]
+    submitted = [2, 3, 4, 6, 7]  # 1 never sends; 5 declines
+    for i in submitted:
+        payload = encode(vectors[i], weights[i], spec, np.random.default_rng(i))
+        stages.receive(i, clients[i].masked_input(stages.outbox[i], payload))
+    stages.declined(5)
+    with pytest.raises(ProtocolViolation, match="no masked_input message"):
+        stages.receive(5, clients[5].masked_input(stages.outbox[5], encode(vectors[5], 1, spec, np.random.default_rng(0))))
+    stages.close_stage()
+    assert stages.abort is None and sorted(stages.outbox) == submitted
+    for i, msg in stages.outbox.items():
+        stages.receive(i, clients[i].unmask(msg))
+    stages.close_stage()
+    result = stages.result
+    assert result is not None and list(result.survivors) == submitted
+    mean = decode(result.words, spec).mean
+    assert np.abs(mean - _plain_mean(vectors, weights, submitted)).max() <= STEP
+    ledger = stages.ledger()
+    assert ledger.bytes_up[0] > 0 and ledger.bytes_up[2] - ledger.bytes_up[5] > 4 * (M + 2)
+    assert ledger.bytes_down[2] > 0 and ledger.server_seconds > 0
+
+
+def test_the_stage_driver_aborts_below_the_threshold_with_the_reason():
+    _, weights = _inputs(4, seed=5)
+    params = SecAggParams(0, M, 3, 3, FixedPoint(BITS, CLIP, max(weights), 4))
+    stages = SecAggStages(params, range(4))
+    for i in range(2):
+        stages.receive(i, SecAggClient(params, i).advertise_keys())
+    stages.close_stage()
+    assert stages.abort is not None and "threshold is 3" in stages.abort
+    assert stages.complete() and stages.outbox == {} and stages.survivors_per_stage == (2,)
 
 
 def test_out_of_range_values_are_clipped_and_counted():

@@ -34,9 +34,9 @@ def first_run(tmp_path_factory):
 
 def test_learning_lowers_eval_loss(first_run):
     _, result = first_run
-    losses = [r["eval_loss"] for r in result.rows]
-    assert len(losses) == 4 and all(loss is not None for loss in losses)
-    assert losses[-1] < losses[0] - 0.5
+    evaluations = [r.eval for r in result.rounds]
+    assert len(evaluations) == 4 and all(e is not None and e.clients == 6 for e in evaluations)
+    assert evaluations[-1].loss < evaluations[0].loss - 0.5
     assert result.after.loss < result.before.loss
 
 
@@ -54,8 +54,13 @@ def test_run_directory_contents(first_run):
         "bytes_up",
         "bytes_down",
         "seconds",
+        "stragglers",
+        "refused_messages",
+        "round_failed",
+        "eval_clients",
     }
     assert all(required <= set(r) for r in rows)
+    assert [r["round"] for r in rows] == [r.round_num for r in result.rounds]
     assert all(r["clients"] == 3 and r["bytes_up"] == 3 * result.adapter_numel * 4 for r in rows[1:])
     assert (run_dir / "config.toml").read_text().count("[federation]") == 1
     assert load_config(run_dir / "config.toml") == config
@@ -79,9 +84,10 @@ def test_same_seed_same_metrics(first_run, tmp_path):
     again = simulate(load_config(None, [*SMALL, f"run.dir={tmp_path / 'b'}"]))
     strip = ("seconds", "train_seconds", "eval_seconds")
 
-    def comparable(rows):
+    def comparable(run):
+        rows = [r.to_row() for r in run.rounds]
         return [{k: v for k, v in r.items() if k not in strip} for r in rows]
 
-    assert comparable(again.rows) == comparable(result.rows)
+    assert comparable(again) == comparable(result)
     other = simulate(load_config(None, [*SMALL, "run.seed=7", f"run.dir={tmp_path / 'c'}"]))
-    assert comparable(other.rows) != comparable(result.rows)
+    assert comparable(other) != comparable(result)

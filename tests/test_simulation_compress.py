@@ -21,17 +21,17 @@ def plain(tmp_path_factory):
 
 def test_4bit_quantization_cuts_bytes_8x_and_still_learns(plain, tmp_path):
     q4 = run(tmp_path, "compression.method='quantize'", "compression.bits=4")
-    for p, q in zip(plain.rows[1:], q4.rows[1:], strict=True):
-        assert p["bytes_up"] / q["bytes_up"] >= 8
-        assert p["bytes_down"] == q["bytes_down"]
+    for p, q in zip(plain.rounds[1:], q4.rounds[1:], strict=True):
+        assert p.bytes_up / q.bytes_up >= 8
+        assert p.bytes_down == q.bytes_down
     assert q4.after.loss < q4.before.loss - 0.5
     assert q4.after.loss == pytest.approx(plain.after.loss, rel=0.05)
 
 
 def test_topk_with_error_feedback_sends_a_sliver(plain, tmp_path):
     topk = run(tmp_path, "compression.method='topk'", "compression.bits=16", "compression.fraction=0.01")
-    for p, t in zip(plain.rows[1:], topk.rows[1:], strict=True):
-        assert p["bytes_up"] / t["bytes_up"] >= 50
+    for p, t in zip(plain.rounds[1:], topk.rounds[1:], strict=True):
+        assert p.bytes_up / t.bytes_up >= 50
     assert topk.after.loss < topk.before.loss
 
 
@@ -46,9 +46,10 @@ def test_randomk_composes_with_secure_aggregation(tmp_path):
         "secure_aggregation.bits=22",
     )
     kept_words = round(0.1 * result.adapter_numel)
-    for row in result.rows[1:]:
+    for r in result.rounds[1:]:
         # each client masks only the round's shared coordinates: ~k 32-bit words, not the whole adapter
-        assert 4 * kept_words <= row["secagg_bytes_up_per_client"] <= 1.1 * 4 * kept_words
+        assert r.secagg is not None
+        assert 4 * kept_words <= r.secagg.bytes_up_per_client <= 1.1 * 4 * kept_words
     assert result.after.loss < result.before.loss
 
 

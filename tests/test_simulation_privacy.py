@@ -6,6 +6,7 @@ from itertools import pairwise
 import pytest
 
 from fedtune.config import load_config
+from fedtune.rundir import RunDir
 from fedtune.simulation import simulate
 from tests.test_simulation import SMALL
 
@@ -14,7 +15,7 @@ CENTRAL = [*SMALL, "privacy.mode='central'", "privacy.clip_l2_norm=1.0"]
 
 def test_central_dp_reports_growing_epsilon_and_records_the_plan(tmp_path):
     result = simulate(load_config(None, [*CENTRAL, "privacy.target_epsilon=30", f"run.dir={tmp_path}"]))
-    epsilons = [row["epsilon"] for row in result.rows]
+    epsilons = [r.privacy.epsilon for r in result.rounds]
     assert epsilons[0] == 0.0
     assert all(a < b for a, b in pairwise(epsilons))
     assert epsilons[-1] <= 30.0  # calibrated to spend the budget over the configured rounds, not more
@@ -22,7 +23,7 @@ def test_central_dp_reports_growing_epsilon_and_records_the_plan(tmp_path):
     resolved = tomllib.loads((tmp_path / "config.toml").read_text())["privacy"]
     assert resolved["noise_multiplier"] > 0 and 0 < resolved["delta"] < 1
     assert resolved["sampling"] == "fixed"
-    assert all(row["dp_noise_std"] == pytest.approx(resolved["noise_multiplier"]) for row in result.rows[1:])
+    assert all(r.privacy.noise_std == pytest.approx(resolved["noise_multiplier"]) for r in result.rounds[1:])
 
 
 def test_run_stops_before_the_budget_is_exceeded(tmp_path):
@@ -38,9 +39,9 @@ def test_run_stops_before_the_budget_is_exceeded(tmp_path):
         ],
     )
     result = simulate(config)
-    assert [row["round"] for row in result.rows] == [0, 1]
-    assert result.rows[-1]["epsilon"] <= 20
-    assert result.rows[-1]["eval_loss"] == result.after.loss  # the adapter it ends with is evaluated
+    assert [r.round_num for r in result.rounds] == [0, 1]
+    assert result.rounds[-1].privacy.epsilon <= 20
+    assert result.rounds[-1].eval == result.after  # the adapter it ends with is evaluated
     assert any("stopped before round 2" in note for note in result.notes)
 
 
@@ -58,11 +59,11 @@ def test_distributed_noise_through_secure_aggregation(tmp_path):
         ],
     )
     result = simulate(config)
-    for row in result.rows[1:]:
-        assert "secagg_abort" not in row
-        assert row["secagg_survivors"] == [3, 3, 3, 3]
-        assert row["epsilon"] > 0
-    assert result.rows[-1]["epsilon"] > result.rows[1]["epsilon"]
+    for r in result.rounds[1:]:
+        assert r.secagg.abort is None
+        assert r.secagg.survivors == (3, 3, 3, 3)
+        assert r.privacy.epsilon > 0
+    assert result.rounds[-1].privacy.epsilon > result.rounds[1].privacy.epsilon
 
 
 def test_dpsgd_clients_report_their_per_record_epsilon(tmp_path):
@@ -79,9 +80,9 @@ def test_dpsgd_clients_report_their_per_record_epsilon(tmp_path):
         ],
     )
     result = simulate(config)
-    epsilons = [row["dpsgd_epsilon_max"] for row in result.rows[1:]]
+    epsilons = [r.dpsgd_epsilon_max for r in result.rounds[1:]]
     assert 0 < epsilons[0] <= epsilons[1]
-    assert all(row["clients"] == 3 for row in result.rows[1:])
+    assert all(r.clients == 3 for r in result.rounds[1:])
 
 
 def test_poisson_cohorts_are_drawn_as_accounted_and_not_published(tmp_path):
@@ -96,9 +97,10 @@ def test_poisson_cohorts_are_drawn_as_accounted_and_not_published(tmp_path):
         ],
     )
     result = simulate(config)
-    rows = result.rows[1:]
+    rows = RunDir(result.run_dir).read_metrics()[1:]
     assert all("client_ids" not in row for row in rows)  # who took part is part of the guarantee
     assert all(0 <= row["selected"] <= 6 for row in rows)
+    assert all(row["round_failed"] is None for row in rows)  # an empty cohort still releases its noise
     fixed = simulate(
         load_config(
             None,
@@ -110,7 +112,7 @@ def test_poisson_cohorts_are_drawn_as_accounted_and_not_published(tmp_path):
             ],
         )
     )
-    assert rows[-1]["epsilon"] < fixed.rows[-1]["epsilon"]  # Poisson amplification is tighter
+    assert rows[-1]["epsilon"] < fixed.rounds[-1].privacy.epsilon  # Poisson amplification is tighter
 
 
 def test_poisson_sampling_with_secure_aggregation_is_refused():
@@ -140,8 +142,8 @@ def test_adaptive_clipping_moves_the_clip_norm(tmp_path):
             f"run.dir={tmp_path}",
         ],
     )
-    rows = simulate(config).rows[1:]
-    norms = [row["dp_clip_l2_norm"] for row in rows]
+    rounds = simulate(config).rounds[1:]
+    norms = [r.privacy.clip_l2_norm for r in rounds]
     assert norms[0] == 0.001
     assert all(a < b for a, b in pairwise(norms))  # none fits, far below the 0.5 target: C grows
-    assert all(row["dp_unclipped_fraction"] < 0.25 for row in rows)
+    assert all(r.privacy.unclipped_fraction < 0.25 for r in rounds)

@@ -10,12 +10,13 @@ import grpc
 import numpy as np
 import pytest
 
-from fedtune.transport import fedtune_v1_pb2 as pb
+from fedtune.errors import Refusal
+from fedtune.transport import fedtune_v2_pb2 as pb
+from fedtune.transport.status import code_of
 from fedtune.transport.wire import (
     FLOAT32_BYTES,
     PAYLOAD_OVERHEAD_BYTES,
     UpdateLimits,
-    WireError,
     check_declared_size,
     chunked,
     float32_bytes,
@@ -38,11 +39,11 @@ def data(raw: bytes) -> bytes:
 
 @contextmanager
 def refused(kind: str, code: grpc.StatusCode = grpc.StatusCode.INVALID_ARGUMENT) -> Iterator[Any]:
-    """The block must raise a WireError of `kind` that would be answered with `code`."""
-    with pytest.raises(WireError) as info:
+    """The block must raise a Refusal of `kind` that the service answers with `code`."""
+    with pytest.raises(Refusal) as info:
         yield info
     assert info.value.kind == kind, info.value
-    assert info.value.code == code
+    assert code_of(info.value.kind) == code
     assert str(info.value).startswith(f"{kind}: ")
 
 
@@ -176,6 +177,22 @@ def test_check_declared_size_accepts(encoding, total, expected):
 def test_check_declared_size_refuses(encoding, total, kind, code):
     with refused(kind, code):
         check_declared_size(header(encoding, total), LIMITS)
+
+
+def test_an_evaluation_round_takes_evaluation_reports_only_and_others_none():
+    evaluating = UpdateLimits(adapter_numel=10, max_update_bytes=1000, evaluating=True)
+    assert check_declared_size(header(pb.ENCODING_EVALUATION, 0), evaluating) == 0
+    with refused("wrong_shape"):
+        check_declared_size(header(pb.ENCODING_EVALUATION, 8), evaluating)  # a report has no data
+    for encoding in (pb.ENCODING_FLOAT32, pb.ENCODING_PAYLOAD, pb.ENCODING_REFUSED, pb.ENCODING_MASKED):
+        with refused("wrong_encoding"):
+            check_declared_size(header(encoding, 40), evaluating)
+    with refused("wrong_encoding"):
+        check_declared_size(header(pb.ENCODING_EVALUATION, 0), LIMITS)
+    secure = UpdateLimits(adapter_numel=10, max_update_bytes=1000, masked_words=12)
+    assert check_declared_size(header(pb.ENCODING_MASKED, 48), secure) == 48
+    with refused("wrong_encoding"):
+        check_declared_size(header(pb.ENCODING_EVALUATION, 0), secure)
 
 
 # ---- the update stream ---------------------------------------------------------------------------------

@@ -149,21 +149,15 @@ def server(
     """Coordinate a deployed run: serve gRPC with mutual TLS, run the rounds, keep state in run.dir."""
     from fedtune.config import load_config
     from fedtune.deploy.server import serve
+    from fedtune.progress import round_line
+    from fedtune.round.results import RoundResult
 
     cfg = load_config(config, set_ or [])
     _quiet_libraries()
     _log_to_stderr()
 
-    def show(row: dict) -> None:
-        failed = f"  FAILED: {row['round_failed']}" if "round_failed" in row else ""
-        loss = row.get("train_loss")
-        console.print(
-            f"round {row['round']}: {row['clients']}/{row['selected']} updates, "
-            f"stragglers {len(row['stragglers'])}, train loss "
-            f"{'-' if loss is None else f'{loss:.4f}'}, {row['bytes_up'] / 1e6:.2f} MB up{failed}",
-            highlight=False,
-            markup=False,
-        )
+    def show(result: RoundResult) -> None:
+        console.print(round_line(result, cfg.federation.rounds), highlight=False, markup=False)
 
     result = serve(
         cfg,
@@ -172,7 +166,8 @@ def server(
         notify=lambda msg: console.print(f"[dim]{escape(msg)}[/dim]"),
         on_round=show,
     )
-    console.print(f"[bold green]done[/] in {result.seconds:.0f}s: adapter {result.run_dir / 'adapter'}")
+    if result.complete:
+        console.print(f"[bold green]done[/] in {result.seconds:.0f}s: adapter {result.run_dir / 'adapter'}")
 
 
 @app.command()
@@ -194,7 +189,7 @@ def client(
     ] = None,
 ) -> None:
     """Take part in a deployed run: connect out to --server, train on --data when selected."""
-    from fedtune.deploy.client import run_client
+    from fedtune.deploy.site import run_client
     from fedtune.errors import ConfigError
 
     if unsafe_insecure == (certs is not None):

@@ -23,3 +23,14 @@ class PkiError(FedtuneError):
 
 class StateError(FedtuneError):
     """The server's state file is missing, from another run, or inconsistent."""
+
+
+class Refusal(FedtuneError):
+    """A participant's message was refused: `kind` names it in the metrics (`refused_messages`), `detail`
+    says what was wrong. Raised by the round engine and the coordinator on plain types; a transport maps
+    `kind` to its own status (the gRPC edge: `transport.status`)."""
+
+    def __init__(self, kind: str, detail: str) -> None:
+        super().__init__(f"{kind}: {detail}")
+        self.kind = kind
+        self.detail = detail

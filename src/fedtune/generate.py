@@ -9,7 +9,7 @@ import torch
 from peft import PeftModel
 
 from fedtune.errors import ModelError
-from fedtune.models import load_base_model, load_tokenizer
+from fedtune.model.base import load_base_model, load_tokenizer
 
 
 def base_dir_of(adapter_dir: Path) -> Path:

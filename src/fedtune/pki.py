@@ -31,9 +31,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from fedtune.config import CLIENT_ID_PATTERN  # one rule for ids in configs and certificates
 from fedtune.errors import PkiError
 
+CLIENT_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"  # one rule for ids in configs and certificates
 SERVER_COMMON_NAME = "fedtune-server"
 CA_COMMON_NAME = "fedtune CA"
 CLOCK_SKEW = timedelta(minutes=5)

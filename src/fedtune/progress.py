@@ -14,9 +14,27 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from fedtune.round.results import RoundResult
+from fedtune.round.transport import Phase
+
 
 def _fmt(value: Any, spec: str) -> str:
     return "–" if value is None else format(value, spec)
+
+
+def round_line(result: RoundResult, rounds: int) -> str:
+    """One line per finished round, the same for `fedtune run` and `fedtune server`."""
+    ev = result.eval
+    line = (
+        f"round {result.round_num:>3}/{rounds}  clients {result.clients}/{result.selected}"
+        + (f" ({len(result.failures)} refused)" if result.failures else "")
+        + (f" ({len(result.stragglers)} stragglers)" if result.stragglers else "")
+        + f"  train loss {_fmt(result.train_loss, '.4f')}"
+        + f"  eval loss {_fmt(None if ev is None else ev.loss, '.4f')}"
+        + f"  ppl {_fmt(None if ev is None else ev.perplexity, '.2f')}"
+        + f"  {result.bytes_up / 1e6:.2f} MB up  {result.seconds:.1f}s"
+    )
+    return line + (f"  FAILED: {result.failed}" if result.failed else "")
 
 
 class RichObserver:
@@ -51,26 +69,18 @@ class RichObserver:
         self.rounds = rounds
         self.progress.update(self.task, total=total_steps, description="evaluating")
 
-    def client_started(self, round_num: int, client_id: str) -> None:
+    def working(self, round_num: int, client_id: str, phase: Phase) -> None:
         self.round_num, self.client_id = round_num, client_id
-        self.progress.update(self.task, description=self._describe(None))
+        if phase == Phase.EVALUATE:
+            self.progress.update(self.task, description=f"round {round_num}/{self.rounds} evaluating")
+        else:
+            self.progress.update(self.task, description=self._describe(None))
 
     def step(self, loss: float) -> None:
         self.progress.update(self.task, advance=1, description=self._describe(loss))
 
-    def evaluating(self, round_num: int) -> None:
-        self.progress.update(self.task, description=f"round {round_num}/{self.rounds} evaluating")
-
-    def round_finished(self, row: dict[str, Any]) -> None:
-        failed = row.get("failed_clients") or []
-        self.console.print(
-            f"round {row['round']:>3}/{self.rounds}  clients {row['clients']}"
-            + (f" ({len(failed)} refused)" if failed else "")
-            + f"  train loss {_fmt(row['train_loss'], '.4f')}"
-            + f"  eval loss {_fmt(row['eval_loss'], '.4f')}"
-            + f"  ppl {_fmt(row['eval_perplexity'], '.2f')}"
-            + f"  {row['seconds']:.1f}s"
-        )
+    def round_finished(self, result: RoundResult) -> None:
+        self.console.print(round_line(result, self.rounds), highlight=False, markup=False)
 
     def _describe(self, loss: float | None) -> str:
         client = self.client_id if len(self.client_id) <= 28 else self.client_id[:25] + "..."

@@ -1,17 +1,22 @@
 """The run directory: resolved config, metrics.jsonl, per-client evaluation, adapter, report.
 
-All file writes of a run go through here. `metrics.jsonl` is appended and flushed one round at a time,
-so a crashed run still shows every completed round.
+All file writes of a run go through here, in simulation and deployment alike. Typed round results become
+JSON rows here (`RoundResult.to_row`); `metrics.jsonl` is appended and flushed one round at a time, so a
+crashed run still shows every completed round. `finish` writes what a run ends with: each evaluated
+client's loss before and after (`clients.json`) and the report with its plots.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from fedtune.config import Config, to_toml
+from fedtune.report import write_report
+from fedtune.round.results import EvalSummary, RoundResult
 
 
 def _json_safe(value: Any) -> Any:
@@ -23,6 +28,35 @@ def _json_safe(value: Any) -> Any:
     if isinstance(value, list):
         return [_json_safe(v) for v in value]
     return value
+
+
+def client_changes(before: EvalSummary | None, after: EvalSummary | None) -> dict[str, dict[str, float]]:
+    """Each client evaluated at the start: its held-out loss before and after (NaN if it was not then)."""
+    if before is None:
+        return {}
+    end = {} if after is None else after.per_client_loss
+    return {
+        cid: {"before": loss, "after": end.get(cid, math.nan)} for cid, loss in before.per_client_loss.items()
+    }
+
+
+def summary(
+    config: Config, *, num_clients: int, cohort: int, adapter_numel: int, seconds: float
+) -> dict[str, str]:
+    """The report's settings table."""
+    fed = config.federation
+    work = f"{fed.local_epochs} epochs" if fed.local_epochs else f"{fed.local_steps} steps"
+    return {
+        "model": config.model.name,
+        "data": f"{config.data.source} ({config.data.partition} split), {num_clients} clients",
+        "rounds": f"{fed.rounds} x {cohort} clients",
+        "local training": f"{work}, batch {config.train.batch_size}, lr {config.train.lr:g}",
+        "LoRA": f"rank {config.lora.rank}, alpha {config.lora.alpha:g}, "
+        f"{', '.join(config.lora.target_modules)} ({adapter_numel:,} parameters)",
+        "aggregation": f"{config.server.rule}, server {config.server.optimizer} lr {config.server.lr:g}",
+        "seed": str(config.run.seed),
+        "wall time": f"{seconds:.1f} s",
+    }
 
 
 class RunDir:
@@ -38,9 +72,19 @@ class RunDir:
         (self.path / "config.toml").write_text(to_toml(config))
         self.metrics_file.write_text("")
 
-    def append_metrics(self, row: dict[str, Any]) -> None:
+    def append(self, result: RoundResult) -> None:
+        self.append_row(result.to_row())
+
+    def append_row(self, row: dict[str, Any]) -> None:
         with self.metrics_file.open("a") as f:
             f.write(json.dumps(_json_safe(row)) + "\n")
+
+    def rewrite(self, rows: Sequence[dict[str, Any]]) -> None:
+        """Replace metrics.jsonl with `rows` (a resumed deployment, from its state file)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.metrics_file.write_text("")
+        for row in rows:
+            self.append_row(row)
 
     def read_metrics(self) -> list[dict[str, Any]]:
         lines = self.metrics_file.read_text().splitlines()
@@ -48,3 +92,10 @@ class RunDir:
 
     def write_client_eval(self, client_eval: dict[str, dict[str, float]]) -> None:
         self.clients_file.write_text(json.dumps(_json_safe(client_eval), indent=1))
+
+    def finish(
+        self, client_eval: dict[str, dict[str, float]], *, title: str, settings: dict[str, str]
+    ) -> None:
+        """clients.json and the report over every row in metrics.jsonl."""
+        self.write_client_eval(client_eval)
+        write_report(self.path, self.read_metrics(), client_eval, title=title, summary=settings)

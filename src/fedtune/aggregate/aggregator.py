@@ -1,78 +1,139 @@
-"""The aggregator composes a rule with a server optimizer: `Aggregator(rule, server_opt)`.
+"""The server's side of a round after the updates are in: rule -> server optimizer, composed.
 
-Updates arrive one at a time through `add`. For the linear FedAvg rule they are folded into a running
-weighted sum, so memory is O(adapter) whatever the number of clients; other rules keep the round's deltas.
-Secure aggregation will replace the running sum by an unmasked sum; the rest stays as it is.
+`Aggregator(rule, server_opt)` pairs any rule with any optimizer. The round's updates reach it in one of
+two shapes. `SummedUpdates` is a sum of weighted deltas and the denominator that makes it a mean: what a
+streaming FedAvg, a secure aggregation (the server sees nothing else) and client-level DP (noise is added to
+the sum, the denominator is public) produce; the weighted-mean rule works on it directly, with no
+mean -> sum round trip. `StackedUpdates` holds every delta, for the rules that need each one (median,
+trimmed mean, a user's own rule). `RunningSum` and `UpdateStack` build them one update at a time, so a
+FedAvg round holds O(adapter) whatever the number of clients.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
+from typing import Protocol
 
 import torch
 
 from fedtune.aggregate import rules
 from fedtune.aggregate.server_opt import ServerOptimizer, make_server_optimizer
-from fedtune.config import ServerConfig
-
-Rule = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+from fedtune.aggregate.settings import ServerConfig
 
 
-class Aggregator:
-    def __init__(self, rule: Rule, server_opt: ServerOptimizer) -> None:
-        self.rule = rule
-        self.server_opt = server_opt
-        self.streaming = rule is rules.weighted_mean
-        self.reset()
+class AggregationRule(Protocol):
+    """Deltas [clients, params] and weights [clients] in, one delta [params] out (see `rules`)."""
 
-    def reset(self) -> None:
-        """Forget the round's updates."""
-        self._sum: torch.Tensor | None = None
-        self._weight_sum = 0.0
-        self._deltas: list[torch.Tensor] = []
-        self._weights: list[float] = []
+    def __call__(self, deltas: torch.Tensor, weights: torch.Tensor, /) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True, eq=False)
+class SummedUpdates:
+    """sum_i w_i * delta_i (float64), the denominator that makes it the round's mean, and how many
+    updates are in it. Under client-level DP the weights are 1 and the denominator is the public cohort."""
+
+    total: torch.Tensor
+    denominator: float
+    count: int
+
+
+@dataclass(frozen=True, eq=False)
+class StackedUpdates:
+    """Every update of the round, for rules that need each one."""
+
+    deltas: torch.Tensor  # [clients, params]
+    weights: torch.Tensor  # [clients]
 
     @property
     def count(self) -> int:
-        return len(self._weights)
+        return int(self.weights.shape[0])
+
+
+class RunningSum:
+    """sum_i w_i * delta_i in float64, one update at a time."""
+
+    def __init__(self) -> None:
+        self.total: torch.Tensor | None = None
+        self.weight = 0.0
+        self.count = 0
 
     def add(self, delta: torch.Tensor, weight: float) -> None:
-        """Take one client's delta with its weight (number of training examples)."""
         if weight <= 0:
             raise ValueError(f"update weight must be positive, got {weight}")
-        self._weights.append(float(weight))
-        if self.streaming:
-            if self._sum is None:
-                self._sum = torch.zeros_like(delta, dtype=torch.float64)
-            self._sum.add_(delta, alpha=float(weight))
-            self._weight_sum += float(weight)
-        else:
-            self._deltas.append(delta)
+        if self.total is None:
+            self.total = torch.zeros_like(delta, dtype=torch.float64)
+        self.total.add_(delta, alpha=float(weight))
+        self.weight += float(weight)
+        self.count += 1
 
-    def aggregate(self) -> torch.Tensor:
+    def summed(self, numel: int, denominator: float | None = None) -> SummedUpdates:
+        """The sum (zeros when nothing arrived) over `denominator`, by default the summed weight."""
+        total = self.total if self.total is not None else torch.zeros(numel, dtype=torch.float64)
+        return SummedUpdates(total, self.weight if denominator is None else denominator, self.count)
+
+
+class UpdateStack:
+    """Every update of the round, kept for a rule that needs them all."""
+
+    def __init__(self) -> None:
+        self.deltas: list[torch.Tensor] = []
+        self.weights: list[float] = []
+
+    @property
+    def count(self) -> int:
+        return len(self.deltas)
+
+    def add(self, delta: torch.Tensor, weight: float) -> None:
+        if weight <= 0:
+            raise ValueError(f"update weight must be positive, got {weight}")
+        self.deltas.append(delta)
+        self.weights.append(float(weight))
+
+    def stacked(self) -> StackedUpdates:
+        deltas = torch.stack(self.deltas)
+        return StackedUpdates(deltas, torch.tensor(self.weights, dtype=deltas.dtype))
+
+
+@dataclass
+class Aggregator:
+    rule: AggregationRule
+    server_opt: ServerOptimizer
+
+    @property
+    def linear(self) -> bool:
+        """The rule is FedAvg's weighted mean: it runs on sums (streaming, secure aggregation, DP)."""
+        return self.rule is rules.weighted_mean
+
+    def delta(self, updates: SummedUpdates | StackedUpdates) -> torch.Tensor:
         """The round's aggregated delta (float32), without applying it."""
-        if not self._weights:
+        if isinstance(updates, SummedUpdates):
+            if not self.linear:
+                raise ValueError("a rule other than the weighted mean needs every update, not their sum")
+            if updates.denominator <= 0:
+                raise ValueError("the sum's denominator must be positive")
+            return (updates.total / updates.denominator).to(torch.float32)
+        if updates.count == 0:
             raise ValueError("no client update reached the aggregator this round")
-        if self.streaming:
-            assert self._sum is not None
-            return (self._sum / self._weight_sum).to(torch.float32)
-        stacked = torch.stack(self._deltas)
-        return self.rule(stacked, torch.tensor(self._weights, dtype=stacked.dtype))
+        return self.rule(updates.deltas, updates.weights).to(torch.float32)
 
-    def finish(self, global_flat: torch.Tensor) -> torch.Tensor:
-        """Aggregate the round, step the server optimizer, and start a fresh round."""
-        delta = self.aggregate()
-        self.reset()
-        return self.server_opt.step(global_flat, delta)
+    def step(self, global_flat: torch.Tensor, updates: SummedUpdates | StackedUpdates) -> torch.Tensor:
+        """The new global adapter: the rule's delta through the server optimizer."""
+        return self.server_opt.step(global_flat, self.delta(updates))
 
 
-def make_aggregator(cfg: ServerConfig) -> Aggregator:
-    rule: Rule
-    if cfg.rule == "fedavg":
-        rule = rules.weighted_mean
-    elif cfg.rule == "median":
-        rule = rules.coordinate_median
-    else:
-        rule = partial(rules.trimmed_mean, trim_fraction=cfg.trim_fraction)
-    return Aggregator(rule=rule, server_opt=make_server_optimizer(cfg))
+def make_aggregator(
+    cfg: ServerConfig,
+    *,
+    rule: AggregationRule | None = None,
+    server_opt: ServerOptimizer | None = None,
+) -> Aggregator:
+    """`[server]`'s rule and optimizer; a user's own `rule` or `server_opt` replaces the configured one."""
+    if rule is None:
+        if cfg.rule == "fedavg":
+            rule = rules.weighted_mean
+        elif cfg.rule == "median":
+            rule = rules.coordinate_median
+        else:
+            rule = partial(rules.trimmed_mean, trim_fraction=cfg.trim_fraction)
+    return Aggregator(rule=rule, server_opt=server_opt or make_server_optimizer(cfg))

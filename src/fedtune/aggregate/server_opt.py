@@ -14,7 +14,7 @@ from typing import Protocol
 
 import torch
 
-from fedtune.config import ServerConfig
+from fedtune.aggregate.settings import ServerConfig
 from fedtune.errors import StateError
 
 

@@ -64,9 +64,11 @@ def _randomk(seed: bytes, numel: int, k: int) -> torch.Tensor:
 
 
 def densify(indices: torch.Tensor, values: torch.Tensor, numel: int, scale: float = 1.0) -> torch.Tensor:
-    """A dense float32 vector of `numel` zeros with `values * scale` at `indices`."""
-    out = torch.zeros(numel, dtype=torch.float32)
-    out[indices] = values.to(torch.float32) if scale == 1.0 else values.to(torch.float32) * scale
+    """A dense vector of `numel` zeros with `values * scale` at `indices`: float32, or float64 when the
+    values are (a securely summed update keeps its precision)."""
+    dtype = torch.float64 if values.dtype == torch.float64 else torch.float32
+    out = torch.zeros(numel, dtype=dtype)
+    out[indices] = values.to(dtype) if scale == 1.0 else values.to(dtype) * scale
     return out
 
 

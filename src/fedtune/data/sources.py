@@ -20,7 +20,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
-from fedtune.config import BUILTIN_SOURCES, DataConfig
+from fedtune.data.settings import BUILTIN_SOURCES, DataConfig
 from fedtune.data.shakespeare import read_shakespeare
 from fedtune.errors import DataError
 

@@ -1,6 +1,6 @@
 """Distributed DP under secure aggregation: each client adds a Skellam share to its integer-encoded update.
 
-The order on a client is clip (L2 norm C) -> encode (`secagg.encoding.encode`, weight 1) -> add this
+The order on a client is clip (L2 norm C) -> encode (`secagg.fixedpoint.encode`, weight 1) -> add this
 client's Skellam share to the m value words -> mask. The server unmasks only the sum, which already holds
 the whole noise, so the guarantee holds against the server too (up to amplification by sampling, which
 needs a cohort the server does not know: see `accountant.py`). Weights must be 1 in a DP round: with
@@ -32,7 +32,7 @@ import numpy as np
 from fedtune.errors import ConfigError
 from fedtune.privacy.accountant import SkellamRound
 from fedtune.privacy.noise import client_share_variance, skellam
-from fedtune.secagg.encoding import MODULUS_BITS, FixedPoint
+from fedtune.secagg.fixedpoint import MODULUS_BITS, FixedPoint
 from fedtune.secagg.prg import WORD
 
 _MODULUS = 2**MODULUS_BITS

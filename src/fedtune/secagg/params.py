@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fedtune.errors import ConfigError
-from fedtune.secagg.encoding import FixedPoint, payload_words
+from fedtune.secagg.fixedpoint import FixedPoint, payload_words
 
 
 def default_threshold(neighbours: int) -> int:

@@ -3,7 +3,7 @@
 The protocol's dataclasses (`fedtune.secagg.messages`) name their round and peer; on the wire the round and
 nonce travel in the request and the peer is the caller's slot, so the conversions take them as arguments.
 Shamir shares travel as big-endian bytes of at most `SHARE_BYTES`; public keys must be 32 bytes. A message
-that breaks a bound is a `WireError`; one the protocol refuses is the state machine's `ProtocolViolation`.
+that breaks a bound is a `Refusal`; one the protocol refuses is the state machine's `ProtocolViolation`.
 """
 
 from __future__ import annotations
@@ -12,17 +12,18 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from fedtune.errors import Refusal
+from fedtune.secagg import FixedPoint, SecAggParams
 from fedtune.secagg import messages as sa
 from fedtune.secagg.shamir import SHARE_BYTES
-from fedtune.transport import fedtune_v1_pb2 as pb
-from fedtune.transport.wire import WireError
+from fedtune.transport import fedtune_v2_pb2 as pb
 
 KEY_BYTES = sa.PUBLIC_KEY_BYTES
 
 
 def _key(data: bytes, what: str) -> bytes:
     if len(data) != KEY_BYTES:
-        raise WireError("malformed", f"{what} has {len(data)} bytes, expected {KEY_BYTES}")
+        raise Refusal("malformed", f"{what} has {len(data)} bytes, expected {KEY_BYTES}")
     return bytes(data)
 
 
@@ -32,7 +33,7 @@ def _share_bytes(value: int) -> bytes:
 
 def _share_int(data: bytes) -> int:
     if not 0 < len(data) <= SHARE_BYTES:
-        raise WireError("malformed", f"a Shamir share has {len(data)} bytes, at most {SHARE_BYTES} allowed")
+        raise Refusal("malformed", f"a Shamir share has {len(data)} bytes, at most {SHARE_BYTES} allowed")
     return int.from_bytes(data, "big")
 
 
@@ -84,7 +85,7 @@ def masked_input_from_words(
 ) -> sa.MaskedInput:
     """A masked payload from its little-endian uint32 bytes, which must hold exactly `words` words."""
     if len(data) != 4 * words:
-        raise WireError("wrong_shape", f"a masked input has {len(data)} bytes, expected {words} uint32 words")
+        raise Refusal("wrong_shape", f"a masked input has {len(data)} bytes, expected {words} uint32 words")
     values = np.frombuffer(data, dtype="<u4").astype(np.uint32)
     return sa.MaskedInput(round_id, sender, values)
 
@@ -132,3 +133,27 @@ def to_reply(msg: object) -> pb.SecAggReply:
     if isinstance(msg, sa.UnmaskRequest):
         return unmask_request_to_pb(msg)
     raise TypeError(f"not a server-to-client SecAgg message: {type(msg).__name__}")
+
+
+# ---- the round's public parameters ------------------------------------------------------------------------
+
+
+def setup_to_pb(params: SecAggParams, slot: int, noise_variance: float) -> pb.SecAggSetup:
+    spec = params.encoding
+    return pb.SecAggSetup(
+        slot=slot,
+        cohort=spec.max_clients,
+        threshold=params.threshold,
+        neighbours=params.neighbours,
+        bits=spec.bits,
+        clip_range=spec.clip_range,
+        max_weight=spec.max_weight,
+        vector_size=params.vector_size,
+        noise_variance=noise_variance,
+    )
+
+
+def params_from_pb(setup: pb.SecAggSetup, round_num: int) -> SecAggParams:
+    """The client's copy of the round's parameters, from its task."""
+    spec = FixedPoint(int(setup.bits), float(setup.clip_range), int(setup.max_weight), int(setup.cohort))
+    return SecAggParams(round_num, int(setup.vector_size), int(setup.threshold), int(setup.neighbours), spec)

@@ -4,8 +4,10 @@ Handlers are registered generically with no deserializer, so each request reache
 parsed by `wire.parse`: malformed protobuf is answered INVALID_ARGUMENT and counted like any other refused
 message, and the server carries on. An update is read chunk by chunk into a buffer of the size its header
 declared (checked against the round's limits first); a float32 update must have exactly the adapter's
-size and be finite; a payload is decoded by `fedtune.compress` (never unpickled). Unexpected failures are
-logged and answered INTERNAL without taking the server down.
+size and be finite; a payload is decoded by `fedtune.compress` in the round engine (never unpickled).
+Protobuf stops here: the coordinator gets plain values (`convert`, `secagg_wire`), and answers with plain
+values or a `Refusal`, which goes back with its status from `status`. Unexpected failures are logged and
+answered INTERNAL without taking the server down.
 """
 
 from __future__ import annotations
@@ -14,22 +16,27 @@ import logging
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import replace
 from typing import Any
 
 import grpc
+import torch
 
-from fedtune.deploy.coordinator import ClientReport, Coordinator, Session
-from fedtune.transport import fedtune_v1_pb2 as pb
+from fedtune.errors import Refusal
+from fedtune.round.transport import Purpose
+from fedtune.secagg import Stage
+from fedtune.transport import convert
+from fedtune.transport import fedtune_v2_pb2 as pb
+from fedtune.transport import secagg_wire as sw
+from fedtune.transport.coordinator import Coordinator, Done, Offer, Wait
+from fedtune.transport.status import code_of
 from fedtune.transport.tls import peer_identity
 from fedtune.transport.wire import (
     PROTOCOL_VERSION,
     SERVICE,
     UpdateLimits,
-    WireError,
     check_declared_size,
     chunked,
-    float32_values,
+    float32_bytes,
     parse,
     read_data,
     read_header,
@@ -39,29 +46,31 @@ log = logging.getLogger("fedtune.server")
 
 
 class FederationService:
-    """Join, GetTask, SubmitUpdate over a `Coordinator`. `insecure`: identities come from the messages."""
+    """Join, GetTask, SubmitUpdate and SecAgg over a `Coordinator`. `insecure`: identities come from the
+    messages."""
 
     def __init__(
         self,
         coordinator: Coordinator,
-        limits: Callable[[], UpdateLimits],
         *,
+        adapter_numel: int,
+        max_update_bytes: int,
         chunk_bytes: int,
         insecure: bool = False,
-        weight_of: Callable[[int], int] = lambda n: n,
         max_concurrent_uploads: int = 4,
     ) -> None:
-        """`limits` gives the open round's update limits; `weight_of` maps a client's declared number of
-        examples to its aggregation weight (capped, or 1 under DP). At most `max_concurrent_uploads`
-        update buffers exist at once (others wait, their bytes held back by HTTP/2 flow control), and as
-        many adapter downloads are in flight, so the server's memory does not grow with the clients."""
+        """At most `max_concurrent_uploads` update buffers exist at once (others wait, their bytes held
+        back by HTTP/2 flow control), and as many adapter downloads are in flight, so the server's memory
+        does not grow with the clients."""
         self.coordinator = coordinator
+        self.adapter_numel = adapter_numel
+        self.max_update_bytes = max_update_bytes
         self._upload_slots = threading.BoundedSemaphore(max_concurrent_uploads)
         self._download_slots = threading.BoundedSemaphore(max_concurrent_uploads)
-        self.limits = limits
         self.chunk_bytes = chunk_bytes
         self.insecure = insecure
-        self.weight_of = weight_of
+        self._adapter_cache: tuple[torch.Tensor, bytes] | None = None
+        self._cache_lock = threading.Lock()
 
     def handler(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(
@@ -76,15 +85,15 @@ class FederationService:
 
     # ---- error handling --------------------------------------------------------------------------------
 
-    def _refuse(self, context: grpc.ServicerContext, error: WireError) -> None:
+    def _refuse(self, context: grpc.ServicerContext, refusal: Refusal) -> None:
         client = peer_identity(context)
-        log.warning("refused %s from %s: %s", error.kind, client or context.peer(), error.detail)
-        self.coordinator.refuse(error, client)
-        context.abort(error.code, f"{error.kind}: {error.detail}")
+        log.warning("refused %s from %s: %s", refusal.kind, client or context.peer(), refusal.detail)
+        self.coordinator.refuse(refusal, client)
+        context.abort(code_of(refusal.kind), f"{refusal.kind}: {refusal.detail}")
 
     def _internal(self, context: grpc.ServicerContext, exc: Exception) -> None:
         log.exception("unexpected failure serving %s", context.peer())
-        self.coordinator.refuse(WireError("internal", f"{type(exc).__name__}: {exc}"), peer_identity(context))
+        self.coordinator.refuse(Refusal("internal", f"{type(exc).__name__}: {exc}"), peer_identity(context))
         context.abort(grpc.StatusCode.INTERNAL, "internal error; the server carries on")
 
     @contextmanager
@@ -92,8 +101,8 @@ class FederationService:
         """Turn a refusal into its typed status and anything unexpected into INTERNAL; the server goes on."""
         try:
             yield
-        except WireError as error:
-            self._refuse(context, error)
+        except Refusal as refusal:
+            self._refuse(context, refusal)
         except Exception as exc:
             if isinstance(exc, grpc.RpcError) or type(exc).__name__ == "_AbortError":
                 raise  # context.abort's own exception: the status is already set
@@ -121,26 +130,41 @@ class FederationService:
         verified = peer_identity(context)
         if verified is None:
             if not self.insecure:
-                raise WireError("unauthenticated", "no client certificate", grpc.StatusCode.UNAUTHENTICATED)
+                raise Refusal("unauthenticated", "no client certificate")
             return claimed
         if claimed and claimed != verified:
-            raise WireError(
-                "wrong_identity",
-                f"the message claims client {claimed!r} but the certificate is {verified!r}",
-                grpc.StatusCode.PERMISSION_DENIED,
+            raise Refusal(
+                "wrong_identity", f"the message claims client {claimed!r} but the certificate is {verified!r}"
             )
         return verified
 
-    # ---- the three calls -------------------------------------------------------------------------------
+    def _adapter_bytes(self, global_flat: torch.Tensor) -> bytes:
+        """The adapter's float32 bytes, made once per adapter whatever the number of downloads."""
+        with self._cache_lock:
+            if self._adapter_cache is None or self._adapter_cache[0] is not global_flat:
+                self._adapter_cache = (global_flat, float32_bytes(global_flat.numpy()))
+            return self._adapter_cache[1]
+
+    def _limits(self) -> UpdateLimits:
+        """What the open round accepts: evaluation reports, masked inputs, or plain updates."""
+        found = self.coordinator.purpose()
+        purpose, words = found if found is not None else (Purpose.TRAIN, 0)
+        return UpdateLimits(
+            self.adapter_numel,
+            self.max_update_bytes,
+            masked_words=words,
+            evaluating=purpose == Purpose.EVALUATE,
+        )
+
+    # ---- the four calls --------------------------------------------------------------------------------
 
     def join(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         req = parse(pb.JoinRequest, request)
         if req.protocol_version != PROTOCOL_VERSION:
-            raise WireError(
+            raise Refusal(
                 "wrong_version",
                 f"protocol version {req.protocol_version}; this server speaks {PROTOCOL_VERSION}: "
                 "install the same fedtune version on both ends",
-                grpc.StatusCode.FAILED_PRECONDITION,
             )
         client_id = self._identity(context, req.client_id)
         token = self.coordinator.join(client_id, int(req.num_examples))
@@ -155,30 +179,19 @@ class FederationService:
         session = self.coordinator.session(req.session)
         self._identity(context, session.client_id)
         found = self.coordinator.next_task(session)
-        if isinstance(found, str):
-            yield pb.TaskReply(done=pb.Done(reason=found)).SerializeToString()
+        if isinstance(found, Done):
+            yield pb.TaskReply(done=pb.Done(reason=found.reason)).SerializeToString()
             return
         if found is None:
             wait = pb.Wait(retry_after_ms=self.coordinator.retry_after_ms, reason="no task for you now")
             yield pb.TaskReply(wait=wait).SerializeToString()
             return
-        task, assignment = found
-        header = pb.Task(
-            round=task.round_num,
-            nonce=assignment.nonce,
-            client_index=assignment.index,
-            adapter_numel=task.adapter_numel,
-            clip_l2_norm=task.clip_l2_norm,
-            shared_seed=task.shared_seed,
-            deadline_s=max(0.0, task.deadline - self.coordinator.clock()),
-        )
-        if task.secure is not None:
-            from fedtune.deploy.secure import setup_message
-
-            header.secagg.CopyFrom(setup_message(task.secure.params, assignment.slot))
+        offer: Offer = found
+        header = convert.task_to_pb(offer.message, offer.nonce, offer.deadline - self.coordinator.clock())
+        flat = offer.message.global_flat
         with self._download_slots:  # the adapter's chunks queued for sending, a few clients at a time
             yield pb.TaskReply(task=header).SerializeToString()
-            for chunk in chunked(task.adapter_bytes, self.chunk_bytes):
+            for chunk in chunked(self._adapter_bytes(flat), self.chunk_bytes):
                 yield pb.TaskReply(adapter_chunk=bytes(chunk)).SerializeToString()
 
     def submit(self, request_iterator: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
@@ -186,54 +199,11 @@ class FederationService:
         session = self.coordinator.session(header.session)
         self._identity(context, session.client_id)
         self.coordinator.check_submission(session, int(header.round), header.nonce)  # before reading data
-        limits = self.limits()
-        total = check_declared_size(header, limits)
+        total = check_declared_size(header, self._limits())
         with self._upload_slots:
-            return self._receive(session, header, limits, total, request_iterator)
-
-    def _receive(
-        self,
-        session: Session,
-        header: pb.UpdateHeader,
-        limits: UpdateLimits,
-        total: int,
-        request_iterator: Iterator[bytes],
-    ) -> bytes:
-        data = read_data(request_iterator, total)
-        report = ClientReport(
-            client_id=session.client_id,
-            num_examples=int(header.num_examples),
-            num_steps=int(header.num_steps),
-            train_loss=float(header.train_loss),
-            eval_loss=float(header.eval_loss) if header.eval_examples else None,
-            eval_examples=int(header.eval_examples),
-            fits_clip=bool(header.fits_clip),
-            error=header.error or None,
-        )
-        update: Any
-        if header.encoding == pb.ENCODING_REFUSED:
-            update = None
-            if not report.error:
-                report = replace(report, error="refused by the client")
-        elif header.encoding == pb.ENCODING_MASKED:
-            update = data  # uint32 words, checked and unmasked by the secure round
-        elif header.encoding == pb.ENCODING_FLOAT32:
-            import torch
-
-            update = torch.from_numpy(float32_values(data, limits.adapter_numel, "the update"))  # no copy
-        else:
-            update = bytes(data)
-        if header.num_examples < 1 and update is not None:
-            raise WireError("malformed", "an update must come from at least one training example")
-        ok = self.coordinator.accept(
-            session,
-            int(header.round),
-            header.nonce,
-            update,
-            report,
-            wire_bytes=total,
-            weight=self.weight_of(int(header.num_examples)),
-        )
+            data = read_data(request_iterator, total)
+            reply = convert.reply_from_pb(header, data, session.client_id, self.adapter_numel)
+            ok = self.coordinator.submit(session, int(header.round), header.nonce, reply)
         detail = "accepted" if ok else "the round already has its updates: counted as a straggler"
         return pb.SubmitReply(accepted=ok, detail=detail).SerializeToString()
 
@@ -241,4 +211,27 @@ class FederationService:
         req = parse(pb.SecAggRequest, request)
         session = self.coordinator.session(req.session)
         self._identity(context, session.client_id)
-        return self.coordinator.secagg(session, req).SerializeToString()
+        round_num, nonce = int(req.round), req.nonce
+        kind = req.WhichOneof("stage")
+        if kind == "poll":
+            stage = int(req.poll.stage)
+            if stage not in (Stage.SHARE_KEYS, Stage.MASKED_INPUT, Stage.UNMASK):
+                raise Refusal("malformed", f"a poll waits for stage 1, 2 or 3, not {stage}")
+            answer = self.coordinator.poll(session, round_num, nonce, Stage(stage))
+            if isinstance(answer, Done):
+                return pb.SecAggReply(done=pb.Done(reason=answer.reason)).SerializeToString()
+            if isinstance(answer, Wait):
+                wait = pb.Wait(retry_after_ms=answer.retry_after_ms, reason=answer.reason)
+                return pb.SecAggReply(wait=wait).SerializeToString()
+            return sw.to_reply(answer).SerializeToString()
+        slot = self.coordinator.slot_of(session, round_num, nonce)
+        if kind == "advertise":
+            message: object = sw.advertise_from_pb(req.advertise, round_num, slot)
+        elif kind == "share":
+            message = sw.share_keys_from_pb(req.share, round_num, slot)
+        elif kind == "unmask":
+            message = sw.unmask_from_pb(req.unmask, round_num, slot)
+        else:
+            raise Refusal("malformed", f"a SecAgg request must carry a stage message or a poll, not {kind}")
+        self.coordinator.secagg(session, round_num, nonce, message)
+        return pb.SecAggReply(ack=pb.Ack()).SerializeToString()

@@ -1,7 +1,7 @@
 """Framing and limits of fedtune's gRPC messages, with one typed error for everything a peer gets wrong.
 
 Requests arrive as raw bytes and are parsed here, never by gRPC's own deserializer, so malformed protobuf
-becomes a `WireError` the service answers and counts, not a crash or an INTERNAL status. An update is a
+becomes a `Refusal` the service answers and counts, not a crash or an INTERNAL status. An update is a
 header followed by data chunks; its declared size is checked against the round's limit before anything is
 allocated, and every chunk against what remains. Nothing on this path unpickles: values are little-endian
 float32 (`numpy.frombuffer`) or `fedtune.compress` payload bytes.
@@ -13,43 +13,30 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
-import grpc
 import numpy as np
 from google.protobuf.message import DecodeError, Message
 
-from fedtune.errors import FedtuneError
-from fedtune.transport import fedtune_v1_pb2 as pb
+from fedtune.errors import Refusal
+from fedtune.transport import fedtune_v2_pb2 as pb
 
-PROTOCOL_VERSION = 1
-SERVICE = "fedtune.v1.Federation"
-NONCE_BYTES = 16
-SESSION_BYTES = 16
+PROTOCOL_VERSION = 2
+SERVICE = "fedtune.v2.Federation"
 FLOAT32_BYTES = 4
 PAYLOAD_OVERHEAD_BYTES = 1 << 16  # a compressed payload may exceed its values by its headers
 
 M = TypeVar("M", bound=Message)
 
 
-class WireError(FedtuneError):
-    """A peer's message was refused. `kind` names it in the metrics, `code` is the gRPC status sent back."""
-
-    def __init__(self, kind: str, detail: str, code: grpc.StatusCode = grpc.StatusCode.INVALID_ARGUMENT):
-        super().__init__(f"{kind}: {detail}")
-        self.kind = kind
-        self.detail = detail
-        self.code = code
-
-
 def parse(message_type: type[M], data: bytes) -> M:
-    """A protobuf message from a peer's bytes; malformed bytes are a `WireError`, never an exception
+    """A protobuf message from a peer's bytes; malformed bytes are a `Refusal`, never an exception
     from deep inside the library."""
     if not isinstance(data, bytes):
-        raise WireError("malformed", f"expected bytes for {message_type.__name__}")
+        raise Refusal("malformed", f"expected bytes for {message_type.__name__}")
     message = message_type()
     try:
         message.ParseFromString(data)
     except (DecodeError, RuntimeError, ValueError) as exc:
-        raise WireError("malformed", f"{message_type.__name__} does not parse: {exc}") from None
+        raise Refusal("malformed", f"{message_type.__name__} does not parse: {exc}") from None
     return message
 
 
@@ -68,27 +55,40 @@ def float32_bytes(values: np.ndarray) -> bytes:
 def float32_values(data: bytes | bytearray | memoryview, numel: int, what: str) -> np.ndarray:
     """The float32 values of `data`, which must hold exactly `numel` of them, all finite."""
     if len(data) != numel * FLOAT32_BYTES:
-        raise WireError("wrong_shape", f"{what} has {len(data)} bytes, expected {numel} float32 values")
+        raise Refusal("wrong_shape", f"{what} has {len(data)} bytes, expected {numel} float32 values")
     values = np.frombuffer(data, dtype="<f4")
     if not np.isfinite(values).all():
-        raise WireError("non_finite", f"{what} holds NaN or Inf values")
+        raise Refusal("non_finite", f"{what} holds NaN or Inf values")
     return values
 
 
 @dataclass(frozen=True)
 class UpdateLimits:
-    """What the server accepts in one round: the adapter size, the most bytes an update may declare, and,
-    in a secure round, the masked payload's length in uint32 words (only masked updates are accepted)."""
+    """What the server accepts in the open round: the adapter size, the most bytes an update may declare,
+    and which encodings: a secure round takes masked inputs of `masked_words` uint32 words only, an
+    evaluation round evaluation reports only."""
 
     adapter_numel: int
     max_update_bytes: int
     masked_words: int = 0
+    evaluating: bool = False
 
     def allowed_bytes(self, encoding: int) -> int:
-        """The exact (float32, masked) or largest (payload) data size for `encoding`."""
+        """The exact (float32, masked, evaluation) or largest (payload) data size for `encoding`."""
+        if self.evaluating != (encoding == pb.ENCODING_EVALUATION):
+            raise Refusal(
+                "wrong_encoding",
+                "this round evaluates the adapter: send an evaluation report"
+                if self.evaluating
+                else "an evaluation report outside an evaluation round",
+            )
         secure = self.masked_words > 0
-        if secure != (encoding == pb.ENCODING_MASKED) and encoding != pb.ENCODING_REFUSED:
-            raise WireError(
+        if (
+            not self.evaluating
+            and secure != (encoding == pb.ENCODING_MASKED)
+            and encoding != pb.ENCODING_REFUSED
+        ):
+            raise Refusal(
                 "wrong_encoding",
                 "this round runs through secure aggregation: send a masked input"
                 if secure
@@ -106,33 +106,39 @@ class UpdateLimits:
 def read_header(first: bytes | None) -> pb.UpdateHeader:
     """The header that must open an update stream."""
     if first is None:
-        raise WireError("malformed", "empty update stream: the first message must be a header")
+        raise Refusal("malformed", "empty update stream: the first message must be a header")
     chunk = parse(pb.UpdateChunk, first)
     if chunk.WhichOneof("kind") != "header":
-        raise WireError("malformed", "the first message of an update must be its header")
+        raise Refusal("malformed", "the first message of an update must be its header")
     return chunk.header
 
 
 def check_declared_size(header: pb.UpdateHeader, limits: UpdateLimits) -> int:
     """The number of data bytes to expect, refused before any allocation when it breaks the limits."""
-    known = (pb.ENCODING_FLOAT32, pb.ENCODING_PAYLOAD, pb.ENCODING_REFUSED, pb.ENCODING_MASKED)
+    known = (
+        pb.ENCODING_FLOAT32,
+        pb.ENCODING_PAYLOAD,
+        pb.ENCODING_REFUSED,
+        pb.ENCODING_MASKED,
+        pb.ENCODING_EVALUATION,
+    )
     if header.encoding not in known:
-        raise WireError("malformed", f"unknown update encoding {header.encoding}")
+        raise Refusal("malformed", f"unknown update encoding {header.encoding}")
     allowed = limits.allowed_bytes(header.encoding)
-    if header.encoding in (pb.ENCODING_FLOAT32, pb.ENCODING_MASKED) and header.total_bytes != allowed:
-        raise WireError(
+    exact = (pb.ENCODING_FLOAT32, pb.ENCODING_MASKED, pb.ENCODING_EVALUATION)
+    if header.encoding in exact and header.total_bytes != allowed:
+        raise Refusal(
             "wrong_shape",
             f"a {pb.Encoding.Name(header.encoding)} update of this round has {allowed} bytes, "
             f"the header declares {header.total_bytes}",
         )
     if header.total_bytes > allowed:
-        raise WireError(
+        raise Refusal(
             "oversize",
             f"the update declares {header.total_bytes} bytes; the limit is {allowed}",
-            grpc.StatusCode.RESOURCE_EXHAUSTED,
         )
     if header.encoding == pb.ENCODING_PAYLOAD and header.total_bytes == 0:
-        raise WireError("malformed", "a payload update declares no bytes")
+        raise Refusal("malformed", "a payload update declares no bytes")
     return int(header.total_bytes)
 
 
@@ -143,16 +149,15 @@ def read_data(rest: Iterable[bytes], total_bytes: int) -> bytearray:
     for raw in rest:
         chunk = parse(pb.UpdateChunk, raw)
         if chunk.WhichOneof("kind") != "data":
-            raise WireError("malformed", "only data chunks may follow an update's header")
+            raise Refusal("malformed", "only data chunks may follow an update's header")
         size = len(chunk.data)
         if filled + size > total_bytes:
-            raise WireError(
+            raise Refusal(
                 "oversize",
                 f"the update sends more than the {total_bytes} bytes its header declared",
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
             )
         buffer[filled : filled + size] = chunk.data
         filled += size
     if filled != total_bytes:
-        raise WireError("truncated", f"the update ended after {filled} of {total_bytes} declared bytes")
+        raise Refusal("truncated", f"the update ended after {filled} of {total_bytes} declared bytes")
     return buffer

@@ -1,0 +1,22 @@
+"""The `[server]` config section: the aggregation rule and the server optimizer, composed."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from fedtune.section import Section
+
+
+class ServerConfig(Section):
+    """Aggregation rule and server optimizer, composed: the rule makes one delta, the optimizer applies it."""
+
+    rule: Literal["fedavg", "median", "trimmed_mean"] = "fedavg"
+    trim_fraction: float = Field(0.1, ge=0.0, lt=0.5)  # per side, for trimmed_mean
+    optimizer: Literal["sgd", "momentum", "adam", "yogi"] = "sgd"
+    lr: float = Field(1.0, gt=0.0)  # server learning rate; sgd with lr=1 is plain FedAvg
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    beta1: float = Field(0.9, ge=0.0, lt=1.0)
+    beta2: float = Field(0.99, ge=0.0, lt=1.0)
+    eps: float = Field(1e-3, gt=0.0)  # adaptivity tau of FedAdam/FedYogi (Reddi et al. 2021)

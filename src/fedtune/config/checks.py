@@ -1,0 +1,278 @@
+"""The rules that span config sections, in one function that knows the mode.
+
+`check(config, mode)` refuses (ConfigError, one line naming the fields, the values and the fix) any
+combination that cannot work, and returns notes on what composes with a caveat. It runs at load with
+`mode=None` (what no mode can run) and again when a run starts, with its mode and the real sizes:
+`"simulate"` (`fedtune run`) with the population the data gave, `"deploy"` (`fedtune server`) with the
+allow-list. A setting a mode cannot honour is refused there with the reason, never ignored.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+from fedtune.compress import CompressionSpec, check_composable
+from fedtune.config.schema import Config
+from fedtune.data.settings import BUILTIN_SOURCES
+from fedtune.errors import ConfigError
+from fedtune.pki import CLIENT_ID_PATTERN
+from fedtune.privacy.settings import check_accountable
+from fedtune.secagg.fixedpoint import check_overflow
+from fedtune.secagg.graph import resolve_neighbours
+
+Mode = Literal["simulate", "deploy"]
+_EMBEDDINGS = ("embed_tokens", "wte", "word_embeddings")
+
+
+def check(
+    config: Config, mode: Mode | None = None, *, population: int | None = None, max_weight: int | None = None
+) -> list[str]:
+    """Refuse what cannot run (in `mode`, with `population` clients whose largest weight is `max_weight`);
+    return notes for the run's log."""
+    if mode == "deploy":
+        population = len(config.deploy.clients)
+        _check_deployment(config)
+    _check_federation(config, population)
+    _check_data(config)
+    if config.dpsgd.enabled:
+        _check_dpsgd(config)
+    if config.privacy.mode != "off":
+        _check_privacy(config, population)
+    if config.secure_aggregation.enabled:
+        _check_secure_aggregation(config, mode, population, max_weight)
+    _check_deploy_lists(config)
+    return check_composable(
+        CompressionSpec.from_config(config.compression),
+        secure_aggregation=config.secure_aggregation.enabled,
+        server_rule=config.server.rule,
+        privacy_mode=config.privacy.mode,
+    )
+
+
+def cohort_bound(config: Config, population: int | None = None) -> int | None:
+    """The most clients a round samples, when it is known (or `population` is given)."""
+    fed = config.federation
+    size = population if population is not None else fed.num_clients
+    if fed.fraction_per_round is not None:
+        return None if size == "all" else max(1, round(fed.fraction_per_round * size))
+    return fed.clients_per_round if size == "all" else min(fed.clients_per_round, size)
+
+
+def is_folder(source: str) -> bool:
+    return source not in BUILTIN_SOURCES and Path(source).is_dir()
+
+
+def _check_federation(config: Config, population: int | None) -> None:
+    fed = config.federation
+    if isinstance(fed.num_clients, int) and fed.clients_per_round > fed.num_clients:
+        raise ConfigError(
+            f"federation.clients_per_round = {fed.clients_per_round} exceeds "
+            f"federation.num_clients = {fed.num_clients}; lower it or raise num_clients"
+        )
+    cohort = cohort_bound(config, population)
+    if cohort is not None and fed.min_clients > cohort:
+        raise ConfigError(
+            f"federation.min_clients = {fed.min_clients} exceeds the {cohort} clients a round samples; "
+            "a round never aggregates more: lower federation.min_clients"
+        )
+    if config.data.partition != "natural" and fed.num_clients == "all":
+        raise ConfigError(
+            f"data.partition = {config.data.partition!r} needs a number of clients; "
+            "set federation.num_clients to an integer"
+        )
+
+
+def _check_data(config: Config) -> None:
+    data = config.data
+    builtin = data.source in BUILTIN_SOURCES
+    for key in ("client_field", "label_field"):
+        if builtin and getattr(data, key) is not None:
+            raise ConfigError(
+                f"data.{key} = {getattr(data, key)!r} applies to files only; the built-in "
+                f"source {data.source!r} has its own clients (dirichlet over it skews quantity)"
+            )
+    if (
+        data.partition == "natural"
+        and not builtin
+        and not is_folder(data.source)
+        and data.client_field is None
+    ):
+        raise ConfigError(
+            f"data.partition = 'natural' needs data.client_field for file {data.source!r}; "
+            "name the client column, use partition = 'iid' or 'dirichlet', or give a folder with one "
+            "file per client"
+        )
+
+
+def _check_privacy(config: Config, population: int | None) -> None:
+    """Client-level DP: what cannot be run or accounted."""
+    p = config.privacy
+    if p.noise_multiplier is None and p.target_epsilon is None:
+        raise ConfigError(
+            f"privacy.mode = {p.mode!r} needs privacy.noise_multiplier or privacy.target_epsilon (or both)"
+        )
+    if config.server.rule != "fedavg":
+        raise ConfigError(
+            f"privacy.mode = {p.mode!r} bounds one client's effect on the SUM of deltas, and "
+            f"server.rule = {config.server.rule!r} is not a sum; use server.rule = 'fedavg'"
+        )
+    check_accountable(p.accountant, p.sampling, "skellam" if p.mode == "distributed" else "gaussian")
+    if config.federation.min_clients > 1:
+        raise ConfigError(
+            f"federation.min_clients = {config.federation.min_clients} with privacy.mode = {p.mode!r}: under "
+            "client-level DP every round releases its noised sum (a missing update counts as zero), since "
+            "failing a round for too few updates would reveal who took part; leave it at 1"
+        )
+    if p.mode == "distributed":
+        if not config.secure_aggregation.enabled:
+            raise ConfigError(
+                "privacy.mode = 'distributed' has each client add a share of the noise, which protects "
+                "against the server only if it sees nothing but the sum; set secure_aggregation.enabled = "
+                "true, or use privacy.mode = 'central'"
+            )
+        if p.adaptive_clipping:
+            raise ConfigError(
+                "privacy.adaptive_clipping needs a noised count of unclipped clients, which under "
+                "privacy.mode = 'distributed' would need its own secure sum and discrete noise (not "
+                "implemented); use privacy.mode = 'central' or privacy.adaptive_clipping = false"
+            )
+    if p.adaptive_clipping and p.noise_multiplier is not None:
+        stddev = p.clipped_count_stddev
+        if stddev is None:
+            cohort = cohort_bound(config, population)
+            stddev = None if cohort is None else 0.05 * cohort
+        if stddev is not None and p.noise_multiplier >= 2 * stddev:
+            raise ConfigError(
+                f"privacy.adaptive_clipping with privacy.noise_multiplier = {p.noise_multiplier:g} needs "
+                f"privacy.clipped_count_stddev above {p.noise_multiplier / 2:g} (it is {stddev:g}; the "
+                "default is 0.05 x clients per round): the clipped count's noise must leave the deltas "
+                "some budget (Andrew et al. 2021); raise it or lower the noise multiplier"
+            )
+    size = population if population is not None else config.federation.num_clients
+    if isinstance(size, int) and p.delta is not None and p.delta >= 1 / size:
+        raise ConfigError(
+            f"privacy.delta = {p.delta:g} is not below 1 / population = 1/{size}: publishing one random "
+            f"client's data whole would meet it; use a delta well below {1 / size:.3g} "
+            "(default: 1 / population^1.1)"
+        )
+
+
+def _check_dpsgd(config: Config) -> None:
+    """DP-SGD works with LoRA on linear layers, not on embeddings (checked again on the built model by
+    `train.dpsgd.check_dpsgd_model`, whatever the module names)."""
+    embeddings = [m for m in config.lora.target_modules if m in _EMBEDDINGS]
+    if embeddings:
+        raise ConfigError(
+            f"dpsgd.enabled with lora.target_modules = {list(config.lora.target_modules)}: Opacus computes "
+            f"per-example gradients for linear layers only, and {embeddings[0]!r} is an embedding whose LoRA "
+            "tensors it never sees; drop it from lora.target_modules or set dpsgd.enabled = false"
+        )
+    limit = config.data.max_examples_per_client
+    if limit != "all" and config.dpsgd.delta >= 1 / limit:
+        raise ConfigError(
+            f"dpsgd.delta = {config.dpsgd.delta:g} is not below 1 / data.max_examples_per_client = "
+            f"1/{limit}: releasing one random record would meet it; lower dpsgd.delta"
+        )
+
+
+def _check_secure_aggregation(
+    config: Config, mode: Mode | None, population: int | None, max_weight: int | None
+) -> None:
+    sa, rule = config.secure_aggregation, config.server.rule
+    if rule != "fedavg":
+        raise ConfigError(
+            f"server.rule = {rule!r} needs every client's update, but secure aggregation reveals only "
+            "their sum; use server.rule = 'fedavg' or set secure_aggregation.enabled = false"
+        )
+    if config.privacy.mode != "off" and config.privacy.sampling == "poisson":
+        raise ConfigError(
+            "privacy.sampling = 'poisson' draws a cohort of random size, which can fall below "
+            "secure_aggregation.threshold and abort the round; use privacy.sampling = 'fixed' with "
+            "secure aggregation"
+        )
+    cap = config.data.max_examples_per_client
+    if mode == "deploy" and config.privacy.mode == "off" and cap == "all":
+        raise ConfigError(
+            "secure aggregation needs a public bound on each client's weight to size its encoding; set "
+            "data.max_examples_per_client to a number (each client's weight is capped at it)"
+        )
+    cohort = cohort_bound(config, population)
+    if cohort is None:
+        return
+    if cohort < 2:
+        raise ConfigError(
+            f"secure aggregation needs at least 2 clients per round, and this config has {cohort}; "
+            "raise federation.clients_per_round"
+        )
+    k = resolve_neighbours(sa.neighbours, cohort)
+    if sa.threshold != "auto" and not 2 <= sa.threshold <= k + 1:
+        raise ConfigError(
+            f"secure_aggregation.threshold = {sa.threshold}: allowed 2 to {k + 1} "
+            f"(each client's secret has k + 1 = {k + 1} holders with {cohort} clients per round)"
+        )
+    weight = 1 if config.privacy.mode != "off" else max_weight  # DP updates all weigh 1
+    if weight is None and cap != "all":
+        weight = cap
+    if weight is not None:
+        check_overflow(cohort, weight, sa.bits, sa.clip_range)
+
+
+def _check_deployment(config: Config) -> None:
+    """What `fedtune server` cannot run, with the reason."""
+    dep, fed = config.deploy, config.federation
+    if not dep.clients:
+        raise ConfigError(
+            "deploy.clients is empty: list the client ids allowed to join, e.g. "
+            "deploy.clients = ['hospital-a', 'hospital-b'] (one certificate each: fedtune certs issue ID)"
+        )
+    if fed.fraction_per_round is not None:
+        raise ConfigError(
+            "federation.fraction_per_round is for simulation; a deployment samples "
+            "federation.clients_per_round clients from deploy.clients: set that instead"
+        )
+    if fed.clients_per_round > len(dep.clients):
+        raise ConfigError(
+            f"federation.clients_per_round = {fed.clients_per_round} exceeds the {len(dep.clients)} "
+            "clients in deploy.clients; lower it or allow more clients"
+        )
+    if isinstance(dep.min_connected, int) and dep.min_connected > len(dep.clients):
+        raise ConfigError(
+            f"deploy.min_connected = {dep.min_connected} exceeds the {len(dep.clients)} clients in "
+            "deploy.clients; lower it or use 'all'"
+        )
+    if config.secure_aggregation.dropout_rate > 0:
+        raise ConfigError(
+            f"secure_aggregation.dropout_rate = {config.secure_aggregation.dropout_rate} simulates "
+            "dropouts; in a deployment clients drop by themselves: set it to 0 for fedtune server"
+        )
+    if config.secure_aggregation.enabled and dep.over_selection > 0:
+        raise ConfigError(
+            f"deploy.over_selection = {dep.over_selection} with secure aggregation: extra clients would "
+            "share keys and then be dropped; SecAgg+ survives dropouts by itself: set it to 0"
+        )
+    if config.privacy.mode != "off" and dep.over_selection > 0:
+        raise ConfigError(
+            f"deploy.over_selection = {dep.over_selection} keeps the fastest clients, which is not the "
+            "uniform sample the privacy accountant assumes; set deploy.over_selection = 0 under privacy"
+        )
+    if config.privacy.mode != "off" and config.privacy.sampling == "poisson":
+        raise ConfigError(
+            "privacy.sampling = 'poisson' is simulated only; "
+            "use privacy.sampling = 'fixed' for fedtune server"
+        )
+
+
+def _check_deploy_lists(config: Config) -> None:
+    """A malformed allow-list is refused at load, whatever the mode."""
+    dep = config.deploy
+    bad = [c for c in dep.clients if not re.fullmatch(CLIENT_ID_PATTERN, c)]
+    if bad:
+        raise ConfigError(
+            f"deploy.clients: {bad[0]!r} is not a client id; use 1-64 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit (the certificate subject from `fedtune certs issue`)"
+        )
+    seen = {c for c in dep.clients if dep.clients.count(c) > 1}
+    if seen:
+        raise ConfigError(f"deploy.clients lists {sorted(seen)[0]!r} twice; list each client once")

@@ -1,0 +1,56 @@
+"""The whole run's configuration: every section, each owned by the package that reads it.
+
+`[run]` is the run's own (where results go, the seed, threads); the others come from their packages:
+`[model]` `[lora]` (model.settings), `[data]` (data.settings), `[federation]` `[eval]` (round.settings),
+`[train]` (train.settings), `[server]` (aggregate.settings), `[secure_aggregation]` (secagg.settings),
+`[compression]` (compress.settings), `[privacy]` `[dpsgd]` (privacy.settings), `[deploy]`
+(transport.settings). The rules that span sections are in `checks`; loading and overrides in `load`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+
+from fedtune.aggregate.settings import ServerConfig
+from fedtune.compress.settings import CompressionConfig
+from fedtune.data.settings import DataConfig
+from fedtune.model.settings import LoraSettings, ModelConfig
+from fedtune.privacy.settings import DpSgdConfig, PrivacyConfig
+from fedtune.round.settings import EvalConfig, FederationConfig
+from fedtune.secagg.settings import SecureAggregationConfig
+from fedtune.section import PositiveInt, Section
+from fedtune.train.settings import TrainConfig
+from fedtune.transport.settings import DeployConfig
+
+
+class RunConfig(Section):
+    """Where results go and how the run is seeded."""
+
+    name: str = Field("default", min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
+    dir: Path | None = None  # defaults to runs/<name>
+    seed: int = Field(0, ge=0)
+    threads: PositiveInt | None = None  # torch intra-op threads; default: torch's choice
+
+    @property
+    def resolved_dir(self) -> Path:
+        return self.dir if self.dir is not None else Path("runs") / self.name
+
+
+class Config(Section):
+    """A whole run. Sections mirror the TOML file."""
+
+    run: RunConfig = RunConfig()
+    model: ModelConfig = ModelConfig()
+    lora: LoraSettings = LoraSettings()
+    data: DataConfig = DataConfig()
+    federation: FederationConfig = FederationConfig()
+    train: TrainConfig = TrainConfig()
+    server: ServerConfig = ServerConfig()
+    secure_aggregation: SecureAggregationConfig = SecureAggregationConfig()
+    compression: CompressionConfig = CompressionConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
+    dpsgd: DpSgdConfig = DpSgdConfig()
+    eval: EvalConfig = EvalConfig()
+    deploy: DeployConfig = DeployConfig()

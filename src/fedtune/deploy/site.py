@@ -1,0 +1,77 @@
+"""`fedtune client`: one site's process. It connects out to the server, trains on its own file when
+selected, evaluates the global adapter when asked, and keeps its client state (error-feedback residual,
+DP-SGD steps) to itself.
+
+Join (the server sends the run's config) -> load the model and the site's file once (`load_site`, the
+same steps a simulation of this site's folder takes) -> the round engine's `Participant`, answering
+what the server sends through `transport.site_driver`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from fedtune.config import load_config_text
+from fedtune.config.plan import participant_spec
+from fedtune.data import load_site
+from fedtune.errors import DataError
+from fedtune.local import load_model, make_trainer, tokenizer_for
+from fedtune.privacy.noise import os_entropy_rng
+from fedtune.round.participant import Participant
+from fedtune.round.state import ClientStateStore
+from fedtune.transport.channel import Stub, open_channel
+from fedtune.transport.site_driver import ClientError, ClientResult, SiteRun, take_part
+
+
+def build_site(config_toml: str, data_path: Path, text_field: str, client_id: str) -> SiteRun:
+    """What the site builds once it knows the run: its data first (a bad file fails before the model
+    loads), then the model, the trainer and the participant."""
+    config = load_config_text(config_toml, "the server's config")
+    if config.run.threads is not None:
+        torch.set_num_threads(config.run.threads)
+    model_dir, tokenizer = tokenizer_for(config)
+    data = load_site(data_path, config.data, client_id, tokenizer, config.run.seed, text_field)
+    local = load_model(config, model_dir, tokenizer.pad_token_id)
+    participant = Participant(
+        data,
+        local,
+        make_trainer(config, local),
+        ClientStateStore(repeatable=True),
+        participant_spec(config),
+        noise_rng=os_entropy_rng(),
+    )
+    return SiteRun(participant, local.adapter.numel, config.deploy.chunk_kib * 1024, len(data.train))
+
+
+def run_client(
+    server: str,
+    data_path: Path,
+    *,
+    certs: Path | None,
+    client_id: str | None = None,
+    text_field: str = "text",
+    give_up_after_s: float = 600.0,
+    notify: Callable[[str], None] = lambda _msg: None,
+) -> ClientResult:
+    """Take part in the server's run until it is done. `certs` is the site's folder from
+    `fedtune certs issue` (None: plaintext, `client_id` names the client; for tests only)."""
+    if certs is not None:
+        from fedtune.pki import common_name, load_identity
+
+        client_id = common_name(load_identity(certs).cert_pem)
+    if not client_id:
+        raise ClientError("a client id is needed: pass --certs (its certificate names the client)")
+    if not data_path.is_file():
+        raise DataError(f"--data {str(data_path)!r} not found; pass the site's .jsonl, .csv or .parquet file")
+    stub = Stub(open_channel(server, certs))
+    cid = client_id
+    return take_part(
+        stub,
+        cid,
+        lambda config_toml: build_site(config_toml, data_path, text_field, cid),
+        give_up_after_s=give_up_after_s,
+        notify=notify,
+    )

@@ -1,0 +1,88 @@
+"""LoRA adapters through `peft`, viewed as one flat float32 vector.
+
+Every trainable LoRA tensor is re-pointed into a single contiguous buffer, so reading a client's adapter,
+loading the global one, or computing a delta is one vectorized copy, not a loop over parameters. This is
+what lets one base model in memory serve any number of simulated clients.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+
+from fedtune.errors import ConfigError
+from fedtune.model.settings import LoraSettings
+
+
+class FlatAdapter:
+    """The trainable adapter tensors of a PEFT model, aliased into one flat buffer."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not named:
+            raise ValueError("the model has no trainable parameters to federate")
+        self.names = [n for n, _ in named]
+        self.shapes = [p.shape for _, p in named]
+        self.params = [p for _, p in named]
+        self.numel = sum(p.numel() for p in self.params)
+        self.buffer = torch.empty(self.numel, dtype=torch.float32)
+        offset = 0
+        for p in self.params:
+            n = p.numel()
+            self.buffer[offset : offset + n].copy_(p.detach().reshape(-1))
+            p.data = self.buffer[offset : offset + n].view(p.shape)
+            offset += n
+
+    def get(self) -> torch.Tensor:
+        """A copy of the current adapter as a flat vector."""
+        return self.buffer.clone()
+
+    def load(self, flat: torch.Tensor) -> None:
+        """Overwrite the adapter with `flat` (in place: the parameters stay the same objects)."""
+        if flat.shape != self.buffer.shape:
+            raise ValueError(f"adapter vector has {flat.numel()} values, expected {self.numel}")
+        self.buffer.copy_(flat)
+
+    def state_dict(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Named tensors of `flat`, keyed like `model.named_parameters()`."""
+        pieces = torch.split(flat, [math.prod(s) for s in self.shapes])
+        return {n: t.reshape(s).contiguous() for n, t, s in zip(self.names, pieces, self.shapes, strict=True)}
+
+
+def attach_lora(base: torch.nn.Module, settings: LoraSettings, generator: torch.Generator) -> PeftModel:
+    """Wrap `base` with LoRA; A matrices are initialised from `generator` (B is zero, as in PEFT)."""
+    config = LoraConfig(
+        r=settings.rank,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=list(settings.target_modules),
+        task_type="CAUSAL_LM",
+    )
+    try:
+        model = get_peft_model(base, config)
+    except ValueError as exc:
+        linear = sorted(
+            {n.rsplit(".", 1)[-1] for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)}
+        )
+        raise ConfigError(
+            f"lora.target_modules = {list(settings.target_modules)}: {exc}; "
+            f"linear modules in this model: {', '.join(linear)}"
+        ) from None
+    for name, param in model.named_parameters():
+        if "lora_A" in name:
+            torch.nn.init.kaiming_uniform_(param, a=math.sqrt(5), generator=generator)
+    return model
+
+
+def save_adapter(
+    model: PeftModel, adapter: FlatAdapter, flat: torch.Tensor, out_dir: Path, base_dir: Path
+) -> Path:
+    """Write `flat` with PEFT's own `save_pretrained`, naming `base_dir` as the base model."""
+    adapter.load(flat)
+    model.peft_config["default"].base_model_name_or_path = str(base_dir.resolve())
+    # base weights are frozen, so the adapter file never needs a copy of the (tied) embeddings
+    model.save_pretrained(str(out_dir), save_embedding_layers=False)
+    return out_dir

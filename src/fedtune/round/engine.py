@@ -1,0 +1,388 @@
+"""The round engine: one federated round, the same in simulation and in a deployment.
+
+Per round: draw the cohort (`sampling`), open the round on the transport, hand every member the task
+(the global adapter, the DP clip, the random-k seed), take their submissions into a sum (`collect`, in the
+clear) or run SecAgg+ through the transport (`secure`), then on the sum: noise (central DP; a distributed
+sum already holds it) -> rule (the weighted mean over the public or summed denominator, or a rule over
+every update) -> server optimizer. After every `eval.every` rounds, and after the round a run ends with,
+the new global adapter is evaluated by the evaluation clients (a second exchange, `Purpose.EVALUATE`).
+
+Policy, one rule for both modes:
+- weights: `WeightRule` (training examples capped at `data.max_examples_per_client`; 1 under DP);
+- a round with fewer than `federation.min_clients` updates, or a SecAgg+ abort, fails: the adapter is
+  left as it was and nothing is accounted. Under client-level DP a round always releases its noised sum
+  (a missing or refused update counts as a zero delta over the public denominator), so whether it fails
+  cannot depend on who answered; only a SecAgg+ abort, which releases nothing, fails it;
+- under a privacy budget the run stops before a round that could exceed it (distributed noise: assuming
+  only the threshold's worth of noise shares), and the round it ends with is evaluated;
+- stragglers are the selected clients whose update did not arrive in time: silent, dropped, or late.
+`run` yields a typed `RoundResult` per round; the caller writes it (run directory, state file).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from fedtune.aggregate import Aggregator, StackedUpdates, SummedUpdates
+from fedtune.errors import ConfigError, Refusal
+from fedtune.evaluate import ClientNll, combine, perplexity
+from fedtune.privacy.dpfedavg import ClientLevelDp, PrivacyMetrics
+from fedtune.round.collect import PlainCollection, train_loss
+from fedtune.round.messages import ClientReport, EvalReport, EvalRequest, TrainRequest, TrainTask
+from fedtune.round.plan import DpRandomness, Member, RunPlan
+from fedtune.round.results import EvalSummary, RoundResult, SecAggMetrics
+from fedtune.round.sampling import draw_cohort
+from fedtune.round.secure import run_secure_round
+from fedtune.round.transport import Exchange, Phase, Purpose, Transport
+from fedtune.seeding import derive_seed
+
+
+@dataclass(frozen=True, eq=False)
+class EngineState:
+    """What a checkpoint holds after a round: enough to continue bit-identically."""
+
+    round_num: int
+    global_flat: torch.Tensor
+    optimizer_state: dict[str, torch.Tensor]
+    dp_state: dict[str, Any] | None
+    dpsgd_epsilon_max: float | None
+
+
+@dataclass(frozen=True, eq=False)
+class _Collected:
+    """A training phase's outcome, from either path."""
+
+    updates: SummedUpdates | StackedUpdates | None
+    reports: Mapping[int, ClientReport]
+    accepted: Mapping[int, ClientReport]
+    failures: Mapping[int, tuple[str, str]]
+    bytes_up: int
+    bytes_down: int
+    seconds: float
+    secagg: SecAggMetrics | None = None
+
+
+class RoundEngine:
+    def __init__(
+        self,
+        plan: RunPlan,
+        transport: Transport,
+        aggregator: Aggregator,
+        global_flat: torch.Tensor,
+        *,
+        dp: ClientLevelDp | None = None,
+        dp_randomness: DpRandomness | None = None,
+        dpsgd_epsilon_max: float | None = None,
+        notify: Callable[[str], None] = lambda _msg: None,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        if (plan.secure is not None or plan.privacy is not None) and not aggregator.linear:
+            raise ConfigError(
+                "this aggregation rule needs every client's update, but secure aggregation reveals only "
+                "their sum and client-level DP bounds one client's effect on the sum; use FedAvg's weighted "
+                "mean (server.rule = 'fedavg'), or turn both off"
+            )
+        if (plan.privacy is None) != (dp is None):
+            raise ValueError("a DP plan needs its ClientLevelDp state, and only a DP plan has one")
+        if dp is not None and dp_randomness is None:
+            raise ValueError("client-level DP draws its cohorts from a DpRandomness (the OS outside tests)")
+        self.plan = plan
+        self.transport = transport
+        self.aggregator = aggregator
+        self.global_flat = global_flat
+        self.dp = dp
+        self.dp_randomness = dp_randomness
+        self.dpsgd_epsilon_max = (
+            dpsgd_epsilon_max if dpsgd_epsilon_max is not None else (0.0 if plan.dpsgd else None)
+        )
+        self.notify = notify
+        self.clock = clock
+        self.notes: list[str] = []
+
+    # ---- the run -----------------------------------------------------------------------------------
+
+    def run(self, first_round: int = 0) -> Iterator[RoundResult]:
+        """Round 0 (the evaluation before training) when `first_round` is 0, then the rounds up to the
+        last, stopping before one that could exceed the privacy budget."""
+        if first_round == 0:
+            yield self.initial()
+            first_round = 1
+        if first_round > self.plan.rounds or not self._fits(first_round):
+            return
+        for round_num in range(first_round, self.plan.rounds + 1):
+            result = self.run_round(round_num)
+            yield result
+            if self._last(round_num):
+                return
+
+    def state(self, round_num: int) -> EngineState:
+        return EngineState(
+            round_num,
+            self.global_flat,
+            self.aggregator.server_opt.state_dict(),
+            None if self.dp is None else self.dp.state_dict(),
+            self.dpsgd_epsilon_max,
+        )
+
+    def initial(self) -> RoundResult:
+        """Round 0: the initial adapter evaluated, before any training."""
+        start = self.clock()
+        summary, refused = self.evaluate(0)
+        return RoundResult(
+            round_num=0,
+            selected=0,
+            clients=0,
+            client_ids=None if self.dp is not None else (),
+            stragglers=(),
+            failures={},
+            train_loss=None,
+            eval=summary,
+            bytes_up=0,
+            bytes_down=0,
+            refused_messages=refused,
+            seconds=self.clock() - start,
+            train_seconds=0.0,
+            privacy=None if self.dp is None else self.dp.so_far(),
+            dpsgd_epsilon_max=self.dpsgd_epsilon_max,
+        )
+
+    def _fits(self, next_round: int) -> bool:
+        """False (with a note) when `next_round` could spend more than privacy.target_epsilon."""
+        if self.dp is None:
+            return True
+        fewest = None
+        if self.dp.plan.distributed is not None and self.plan.secure is not None:
+            fewest = self.plan.secure.threshold_for(self.plan.cohort)
+        if self.dp.round_fits_budget(fewest):
+            return True
+        note = (
+            f"stopped before round {next_round}: it could spend more than privacy.target_epsilon = "
+            f"{self.dp.plan.target_epsilon}"
+        )
+        if note not in self.notes:
+            self.notes.append(note)
+            self.notify(note)
+        return False
+
+    def _last(self, round_num: int) -> bool:
+        return round_num >= self.plan.rounds or not self._fits(round_num + 1)
+
+    # ---- one round ---------------------------------------------------------------------------------
+
+    def run_round(self, round_num: int) -> RoundResult:
+        start = self.clock()
+        plan = self.plan
+        indices = draw_cohort(
+            round_num,
+            len(plan.population),
+            plan.selected,
+            seed=plan.seed,
+            privacy=plan.privacy,
+            dp_rng=None if self.dp_randomness is None else self.dp_randomness.cohort,
+        )
+        members = [Member(slot, index, plan.population[index]) for slot, index in enumerate(indices)]
+        task = TrainTask(
+            round_num,
+            self.global_flat,
+            clip_l2_norm=None if self.dp is None else self.dp.client_clip_l2_norm,
+            shared_seed=self._shared_seed(round_num),
+        )
+        self.transport.open_round(round_num, Purpose.TRAIN, members)
+        collected: _Collected | None = None
+        try:
+            collected = self._secure(task, members) if plan.secure is not None else self._plain(task, members)
+        finally:
+            abort = None if collected is None or collected.secagg is None else collected.secagg.abort
+            refused = dict(self.transport.close_round(abort))
+        failed = self._failure(collected)
+        privacy = None
+        if failed is None:
+            updates = collected.updates
+            assert updates is not None
+            if self.dp is not None:
+                updates, privacy = self._privatize(updates, collected)
+            self.global_flat = self.aggregator.step(self.global_flat, updates)
+        elif self.dp is not None:
+            privacy = self.dp.so_far()
+        self._note_dpsgd(collected.reports.values())
+        evaluation = None
+        if round_num % plan.eval_every == 0 or self._last(round_num):
+            evaluation, refused_in_eval = self.evaluate(round_num)
+            for kind, count in refused_in_eval.items():
+                refused[kind] = refused.get(kind, 0) + count
+        in_sum = collected.updates.count if collected.updates is not None else 0
+        return RoundResult(
+            round_num=round_num,
+            selected=len(members),
+            clients=in_sum,
+            client_ids=None
+            if self.dp is not None
+            else tuple(r.client_id for _, r in sorted(collected.accepted.items())),
+            stragglers=tuple(
+                m.client_id
+                for m in members
+                if m.slot not in collected.accepted and m.slot not in collected.failures
+            ),
+            failures={cid: why for _, (cid, why) in sorted(collected.failures.items())},
+            train_loss=train_loss(collected.accepted),
+            eval=evaluation,
+            bytes_up=collected.bytes_up,
+            bytes_down=collected.bytes_down,
+            refused_messages=refused,
+            seconds=self.clock() - start,
+            train_seconds=collected.seconds,
+            failed=failed,
+            secagg=collected.secagg,
+            privacy=privacy,
+            dpsgd_epsilon_max=self.dpsgd_epsilon_max,
+        )
+
+    def _shared_seed(self, round_num: int) -> bytes | None:
+        """The round's random-k seed, sent to every client (from the run seed, so a run repeats)."""
+        if self.plan.compression.method != "randomk":
+            return None
+        return derive_seed(self.plan.seed, "compress-randomk", round_num).to_bytes(32, "big")
+
+    def _plain(self, task: TrainTask, members: Sequence[Member]) -> _Collected:
+        plan = self.plan
+        target = plan.cohort if plan.selected > plan.cohort else None
+        collection = PlainCollection(
+            numel=plan.adapter_numel,
+            weights=plan.weights,
+            linear=self.aggregator.linear,
+            shared_seed=task.shared_seed,
+            clip_l2_norm=None if self.dp is None else self.dp.clip_l2_norm,
+            target=target,
+        )
+        messages = {m.slot: TrainRequest(task, m) for m in members}
+        done = self.transport.exchange(Exchange(Phase.TRAIN, messages, collection.deliver, target))
+        updates: SummedUpdates | StackedUpdates | None = None
+        if self.dp is not None:  # the noised sum is released whoever answered: zeros count as zeros
+            updates = collection.summed(self.dp.plan.denominator)
+        elif collection.updates.count:
+            updates = collection.summed()
+        return _Collected(
+            updates,
+            collection.reports,
+            collection.accepted,
+            collection.failures,
+            collection.bytes_up,
+            sum(messages[slot].nbytes() for slot in done.received),
+            done.seconds,
+        )
+
+    def _secure(self, task: TrainTask, members: Sequence[Member]) -> _Collected:
+        plan, secure = self.plan, self.plan.secure
+        assert secure is not None
+        graph_seed = None
+        if plan.reproducible_graph:
+            graph_seed = derive_seed(plan.seed, "secagg-graph", task.round_num).to_bytes(32, "big")
+        distributed = None if self.dp is None else self.dp.plan.distributed
+        outcome = run_secure_round(
+            self.transport,
+            members,
+            task,
+            secure,
+            numel=plan.adapter_numel,
+            compression=plan.compression,
+            graph_seed=graph_seed,
+            noise_variance=0.0 if distributed is None else distributed.client_variance,
+            distributed=distributed is not None,
+        )
+        updates = outcome.summed
+        if updates is not None and self.dp is not None:
+            updates = SummedUpdates(updates.total, self.dp.plan.denominator, updates.count)
+        return _Collected(
+            updates,
+            outcome.reports,
+            outcome.accepted,
+            outcome.failures,
+            outcome.bytes_up,
+            outcome.bytes_down,
+            outcome.train_seconds,
+            outcome.metrics,
+        )
+
+    def _failure(self, collected: _Collected | None) -> str | None:
+        """Why the round fails (its adapter left as it was), or None."""
+        assert collected is not None
+        if collected.secagg is not None and collected.secagg.abort is not None:
+            return f"{collected.secagg.abort}: the global adapter is left as it was"
+        if self.dp is not None:  # every round releases its noised sum: who answered changes no output
+            return None
+        count = 0 if collected.updates is None else collected.updates.count
+        if count < self.plan.min_clients:
+            return (
+                f"{count} updates arrived, federation.min_clients = {self.plan.min_clients}: the global "
+                "adapter is left as it was"
+            )
+        return None
+
+    def _privatize(
+        self, updates: SummedUpdates | StackedUpdates, collected: _Collected
+    ) -> tuple[SummedUpdates, PrivacyMetrics]:
+        """Central noise on the sum (a distributed sum holds its shares already), then the accountant."""
+        dp = self.dp
+        assert dp is not None and isinstance(updates, SummedUpdates)
+        distributed = dp.plan.distributed is not None
+        total = updates.total if distributed else dp.add_noise(updates.total)
+        reports = collected.accepted.values()
+        metrics = dp.end_round(
+            unclipped=sum(r.fits_clip for r in reports),
+            reported=len(collected.accepted),
+            contributors=int(updates.count) if distributed else None,
+        )
+        return SummedUpdates(total, dp.plan.denominator, updates.count), metrics
+
+    def _note_dpsgd(self, reports: Iterable[ClientReport]) -> None:
+        if self.dpsgd_epsilon_max is None:
+            return
+        spent = [r.dpsgd_epsilon for r in reports if r.dpsgd_epsilon is not None]
+        self.dpsgd_epsilon_max = max([self.dpsgd_epsilon_max, *spent])
+
+    # ---- evaluation --------------------------------------------------------------------------------
+
+    def evaluate(self, round_num: int) -> tuple[EvalSummary | None, dict[str, int]]:
+        """The global adapter on the evaluation clients' held-out data (None if none answered), and the
+        messages the transport refused meanwhile."""
+        start = self.clock()
+        plan = self.plan
+        members = [
+            Member(slot, index, plan.population[index]) for slot, index in enumerate(plan.eval_members)
+        ]
+        reports: dict[int, EvalReport] = {}
+
+        def deliver(slot: int, reply: object) -> bool:
+            if not isinstance(reply, EvalReport) or reply.client_id != members[slot].client_id:
+                raise Refusal("malformed", "an evaluation takes the evaluating client's own report")
+            reports[slot] = reply
+            return True
+
+        messages = {m.slot: EvalRequest(round_num, self.global_flat, m) for m in members}
+        self.transport.open_round(round_num, Purpose.EVALUATE, members)
+        refused: dict[str, int] = {}
+        try:
+            done = self.transport.exchange(Exchange(Phase.EVALUATE, messages, deliver))
+        finally:
+            refused = dict(self.transport.close_round())
+        nll = [ClientNll(r.client_id, r.nll, r.tokens) for _, r in sorted(reports.items())]
+        if not any(r.tokens for r in nll):
+            note = f"round {round_num}: no evaluation client answered; the round is not evaluated"
+            self.notes.append(note)
+            self.notify(note)
+            return None, refused
+        result = combine(nll)
+        summary = EvalSummary(
+            loss=result.loss,
+            perplexity=perplexity(result.loss),
+            per_client_loss=result.per_client_loss,
+            clients=len(result.per_client_loss),
+            seconds=self.clock() - start,
+            bytes_down=sum(messages[slot].nbytes() for slot in done.received),
+        )
+        return summary, refused

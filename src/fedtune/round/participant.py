@@ -1,0 +1,202 @@
+"""A client's side of a round, the same code in simulation and at a deployed site.
+
+`Participant.respond(message)` answers whatever the engine sent through the transport:
+- `TrainRequest`: train from the task's adapter (the `Trainer`), encode (`encode.encode_update`) -> a
+  `Submission`;
+- `SecureTrainRequest`: start this round's SecAgg+ client -> its `AdvertiseKeys`; `NeighbourKeys` ->
+  `ShareKeys`; `ForwardedShares` -> train, encode, fixed-point, noise share, mask -> a masked `Submission`;
+  `UnmaskRequest` -> `UnmaskResponse`;
+- `EvalRequest`: the adapter's summed loss on the client's held-out data -> an `EvalReport`.
+
+Every random stream a client draws from is named by the run seed, the round and its population index, so
+a client trains and encodes the same update in simulation and at its site: batch order and dropout
+(`train`), stochastic quantization (`compress`), fixed-point rounding (`secagg-rounding`). What it keeps
+between rounds (error-feedback residual, DP-SGD steps) is in its `ClientStateStore`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+
+import numpy as np
+
+from fedtune.data import ClientData
+from fedtune.errors import FedtuneError
+from fedtune.evaluate import client_nll
+from fedtune.privacy.noise import skellam
+from fedtune.round.encode import Masking, encode_update
+from fedtune.round.messages import (
+    ClientReport,
+    EvalReport,
+    EvalRequest,
+    SecureTrainRequest,
+    Submission,
+    TrainRequest,
+    TrainTask,
+)
+from fedtune.round.plan import Member, ParticipantSpec
+from fedtune.round.state import ClientState, ClientStateStore
+from fedtune.secagg import SecAggClient
+from fedtune.secagg.messages import (
+    AdvertiseKeys,
+    ForwardedShares,
+    NeighbourKeys,
+    ShareKeys,
+    UnmaskRequest,
+    UnmaskResponse,
+)
+from fedtune.seeding import derive_seed, numpy_rng, torch_generator
+from fedtune.train.local import ClientUpdate, LocalModel, Trainer
+
+
+class ParticipantError(FedtuneError):
+    """A message this participant cannot answer (out of order, or for another round)."""
+
+
+class _SecureRound:
+    """What a participant keeps during one secure round."""
+
+    def __init__(self, request: SecureTrainRequest) -> None:
+        self.request = request
+        self.client = SecAggClient(request.params, request.member.slot)
+
+
+class Participant:
+    def __init__(
+        self,
+        data: ClientData,
+        local: LocalModel,
+        trainer: Trainer,
+        states: ClientStateStore,
+        spec: ParticipantSpec,
+        *,
+        noise_rng: np.random.Generator | None = None,
+        on_step: Callable[[float], None] = lambda _loss: None,
+    ) -> None:
+        """`noise_rng` draws distributed-DP noise shares: from the OS (`privacy.noise.os_entropy_rng`)."""
+        self.data = data
+        self.local = local
+        self.trainer = trainer
+        self.states = states
+        self.spec = spec
+        self.noise_rng = noise_rng
+        self.on_step = on_step
+        self._secure: _SecureRound | None = None
+
+    @property
+    def client_id(self) -> str:
+        return self.data.client_id
+
+    def respond(self, message: object) -> object:
+        if isinstance(message, TrainRequest):
+            return self.train(message.task, message.member)
+        if isinstance(message, EvalRequest):
+            return self.evaluate(message)
+        if isinstance(message, SecureTrainRequest):
+            return self.advertise_keys(message)
+        if isinstance(message, NeighbourKeys):
+            return self.share_keys(message)
+        if isinstance(message, ForwardedShares):
+            return self.masked_input(message)
+        if isinstance(message, UnmaskRequest):
+            return self.unmask(message)
+        raise ParticipantError(f"a participant cannot answer a {type(message).__name__}")
+
+    # ---- plain rounds ------------------------------------------------------------------------------
+
+    def train(
+        self, task: TrainTask, member: Member, masking: Callable[[int], Masking] | None = None
+    ) -> Submission:
+        """Train from the task's adapter and encode the update; `masking(weight)` makes it a masked input."""
+        seed, spec = self.spec.seed, self.spec
+        state = self.states.begin(self.client_id, task.round_num)
+        update = self.trainer.train(
+            task.global_flat,
+            self.data,
+            seed=derive_seed(seed, "train", task.round_num, member.index),
+            steps=spec.work.steps,
+            epochs=spec.work.epochs,
+            on_step=self.on_step,
+        )
+        steps = state.dpsgd_steps + update.num_steps
+        report = self._report(update, steps)
+        if update.delta is None:
+            self.states.commit(self.client_id, task.round_num, replace(state, dpsgd_steps=steps))
+            return Submission(report, None)
+        encoded = encode_update(
+            update.delta,
+            spec.compression,
+            generator=torch_generator(seed, "compress", task.round_num, member.index),
+            residual=state.residual,
+            clip_l2_norm=task.clip_l2_norm,
+            shared_seed=task.shared_seed,
+            masking=None if masking is None else masking(spec.weights.of(update.num_examples)),
+        )
+        self.states.commit(self.client_id, task.round_num, ClientState(encoded.residual, steps))
+        return Submission(replace(report, fits_clip=encoded.fits_clip), encoded.update)
+
+    def _report(self, update: ClientUpdate, dpsgd_steps: int) -> ClientReport:
+        dpsgd = self.spec.dpsgd
+        return ClientReport(
+            client_id=self.client_id,
+            num_examples=update.num_examples,
+            num_steps=update.num_steps,
+            train_loss=update.train_loss,
+            error=update.error,
+            dpsgd_epsilon=None if dpsgd is None else dpsgd.epsilon(update.num_examples, dpsgd_steps),
+        )
+
+    def evaluate(self, request: EvalRequest) -> EvalReport:
+        self.local.adapter.load(request.global_flat)
+        result = client_nll(
+            self.local.model,
+            self.data,
+            max_examples=self.spec.eval_examples,
+            batch_size=self.spec.eval_batch_size,
+            pad_id=self.local.pad_id,
+        )
+        return EvalReport(self.client_id, result.nll, result.tokens)
+
+    # ---- secure rounds -----------------------------------------------------------------------------
+
+    def advertise_keys(self, request: SecureTrainRequest) -> AdvertiseKeys:
+        self._secure = _SecureRound(request)
+        return self._secure.client.advertise_keys()
+
+    def _open(self, round_id: int) -> _SecureRound:
+        secure = self._secure
+        if secure is None or secure.request.params.round_id != round_id:
+            raise ParticipantError(
+                f"a secure aggregation message for round {round_id}, which this client is not in"
+            )
+        return secure
+
+    def share_keys(self, message: NeighbourKeys) -> ShareKeys:
+        return self._open(message.round_id).client.share_keys(message)
+
+    def masked_input(self, message: ForwardedShares) -> Submission:
+        secure = self._open(message.round_id)
+        request = secure.request
+        params, member = request.params, request.member
+
+        def masking(weight: int) -> Masking:
+            noise = None
+            if request.noise_variance > 0:
+                if self.noise_rng is None:
+                    raise ParticipantError("distributed DP needs a generator for the noise share")
+                noise = skellam(params.vector_size, request.noise_variance, self.noise_rng)
+            return Masking(
+                encoding=params.encoding,
+                weight=weight,
+                rounding=numpy_rng(self.spec.seed, "secagg-rounding", request.task.round_num, member.index),
+                mask=lambda words: secure.client.masked_input(message, words).words,
+                noise_share=noise,
+            )
+
+        return self.train(request.task, member, masking)
+
+    def unmask(self, message: UnmaskRequest) -> UnmaskResponse:
+        response = self._open(message.round_id).client.unmask(message)
+        self._secure = None
+        return response

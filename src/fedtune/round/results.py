@@ -1,0 +1,111 @@
+"""Typed results of a round. They become JSON rows only at the edges (`RunDir`, `Store`), via `to_row`.
+
+One row shape in both modes; which keys appear depends on the run's settings only: `client_ids` is left
+out under client-level DP (who took part is part of the guarantee), the `secagg_*` keys appear with secure
+aggregation, the privacy keys with `privacy.mode`, `dpsgd_epsilon_max` with `dpsgd.enabled`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from fedtune.privacy.dpfedavg import PrivacyMetrics
+
+
+@dataclass(frozen=True)
+class EvalSummary:
+    """The global adapter after a round, on the evaluating clients' held-out data (token-weighted)."""
+
+    loss: float
+    perplexity: float
+    per_client_loss: Mapping[str, float]
+    clients: int  # clients whose held-out loss is in `loss`
+    seconds: float
+    bytes_down: int  # the adapter sent to the evaluating clients
+
+
+@dataclass(frozen=True)
+class SecAggMetrics:
+    survivors: tuple[int, ...]  # clients left after each stage reached: advertise, share, masked, unmask
+    neighbours: int
+    threshold: int
+    excluded: int | None  # shared keys, but too few neighbours survived to hold their secrets
+    clipped: int | None  # values the included clients clipped to secure_aggregation.clip_range
+    bytes_up_per_client: float
+    bytes_down_per_client: float
+    server_seconds: float
+    abort: str | None  # why the round aborted (fewer than the threshold at a stage), or None
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    round_num: int  # 0: the evaluation before training
+    selected: int
+    clients: int  # updates in the aggregate
+    client_ids: tuple[str, ...] | None  # whose updates; None (not published) under client-level DP
+    stragglers: tuple[str, ...]  # selected, but no update arrived in time (dropped, late, silent)
+    failures: Mapping[str, str]  # client -> why its update was refused (by itself or the server)
+    train_loss: float | None  # example-weighted over the aggregated updates
+    eval: EvalSummary | None  # on evaluated rounds
+    bytes_up: int
+    bytes_down: int
+    refused_messages: Mapping[str, int]  # messages the transport refused during the round, by kind
+    seconds: float
+    train_seconds: float
+    failed: str | None = None  # why the round failed (the adapter was left as it was)
+    secagg: SecAggMetrics | None = None
+    privacy: PrivacyMetrics | None = None
+    dpsgd_epsilon_max: float | None = None
+
+    def to_row(self) -> dict[str, Any]:
+        """The metrics.jsonl row."""
+        ev = self.eval
+        row: dict[str, Any] = {
+            "round": self.round_num,
+            "clients": self.clients,
+            "selected": self.selected,
+            "stragglers": list(self.stragglers),
+            "failed_clients": list(self.failures),
+            "failures": dict(self.failures),
+            "train_loss": self.train_loss,
+            "eval_loss": None if ev is None else ev.loss,
+            "eval_perplexity": None if ev is None else ev.perplexity,
+            "eval_clients": None if ev is None else ev.clients,
+            "bytes_up": self.bytes_up,
+            "bytes_down": self.bytes_down,
+            "eval_bytes_down": 0 if ev is None else ev.bytes_down,
+            "refused_messages": dict(self.refused_messages),
+            "round_failed": self.failed,
+            "seconds": self.seconds,
+            "train_seconds": self.train_seconds,
+            "eval_seconds": None if ev is None else ev.seconds,
+        }
+        if self.client_ids is not None:
+            row["client_ids"] = list(self.client_ids)
+        if self.secagg is not None:
+            s = self.secagg
+            row |= {
+                "secagg_survivors": list(s.survivors),
+                "secagg_neighbours": s.neighbours,
+                "secagg_threshold": s.threshold,
+                "secagg_excluded": s.excluded,
+                "secagg_clipped": s.clipped,
+                "secagg_bytes_up_per_client": s.bytes_up_per_client,
+                "secagg_bytes_down_per_client": s.bytes_down_per_client,
+                "secagg_server_seconds": s.server_seconds,
+                "secagg_abort": s.abort,
+            }
+        if self.privacy is not None:
+            p = self.privacy
+            row |= {
+                "epsilon": p.epsilon,
+                "epsilon_known_cohort": p.epsilon_known_cohort,
+                "dp_clip_l2_norm": p.clip_l2_norm,
+                "dp_noise_std": p.noise_std,
+                "dp_unclipped_fraction": p.unclipped_fraction,
+            }
+        if self.dpsgd_epsilon_max is not None:
+            row["dpsgd_epsilon_max"] = self.dpsgd_epsilon_max
+        return row

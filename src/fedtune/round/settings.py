@@ -1,0 +1,30 @@
+"""The `[federation]` and `[eval]` config sections: the rounds and how the global adapter is evaluated."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from fedtune.section import PositiveInt, Section
+
+
+class FederationConfig(Section):
+    """The rounds: how many, which clients, how much local work, how few updates a round accepts."""
+
+    rounds: PositiveInt = 6
+    num_clients: PositiveInt | Literal["all"] = 16  # population size, sampled from the eligible clients
+    clients_per_round: PositiveInt = 4
+    fraction_per_round: float | None = Field(None, gt=0.0, le=1.0)  # overrides clients_per_round
+    local_steps: PositiveInt = 8
+    local_epochs: PositiveInt | None = None  # when set, train whole epochs instead of local_steps
+    min_clients: PositiveInt = 1  # a round with fewer updates fails and leaves the adapter as it was
+
+
+class EvalConfig(Section):
+    """Evaluation of the global adapter on the clients' held-out data."""
+
+    every: PositiveInt = 2  # rounds; the first and last rounds are always evaluated
+    max_clients: PositiveInt | Literal["all"] = "all"  # a fixed, seeded subset of the population
+    max_examples_per_client: PositiveInt = 8
+    batch_size: PositiveInt = 8

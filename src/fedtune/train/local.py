@@ -1,0 +1,158 @@
+"""Client local training: start from the global adapter, take AdamW steps on local data, return the delta.
+
+The trainer holds no per-client state: it borrows the one shared model, loads the global adapter into it,
+trains, and hands back `local - global`. A non-finite loss or delta refuses the update with a reason
+instead of letting it into the aggregate. `Trainer` is the extension point: `LocalTrainer` here,
+`train.dpsgd.DpSgdTrainer` for sample-level DP, or a user's own; the round engine's participant calls it
+the same way in simulation and at a deployed site.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from fedtune.data import ClientData
+from fedtune.data.batching import collate
+from fedtune.model.adapter import FlatAdapter
+from fedtune.train.settings import TrainConfig
+
+
+@dataclass(frozen=True)
+class ClientUpdate:
+    """What a client sends back: its adapter delta and how much data produced it."""
+
+    client_id: str
+    delta: torch.Tensor | None  # None when the update was refused
+    num_examples: int
+    num_steps: int
+    train_loss: float  # mean over the steps taken
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def batch_schedule(
+    num_examples: int,
+    batch_size: int,
+    generator: torch.Generator,
+    *,
+    steps: int | None = None,
+    epochs: int | None = None,
+) -> list[torch.Tensor]:
+    """Example indices per local step: shuffled epochs, cut into batches.
+
+    With `steps`, as many shuffled passes as needed are concatenated and cut into `steps` full batches
+    (a client smaller than one batch repeats examples); with `epochs`, each pass is cut on its own and
+    its last batch may be short.
+    """
+    if (steps is None) == (epochs is None):
+        raise ValueError("give exactly one of steps and epochs")
+    if epochs is not None:
+        return [
+            chunk
+            for _ in range(epochs)
+            for chunk in torch.randperm(num_examples, generator=generator).split(batch_size)
+        ]
+    assert steps is not None
+    passes = math.ceil(steps * batch_size / num_examples)
+    order = torch.cat([torch.randperm(num_examples, generator=generator) for _ in range(passes)])
+    return list(order[: steps * batch_size].view(steps, batch_size))
+
+
+@dataclass(frozen=True)
+class LocalModel:
+    """The one model a process trains and evaluates on: the PEFT model, its flat LoRA view, the pad id."""
+
+    model: torch.nn.Module
+    adapter: FlatAdapter
+    pad_id: int
+
+
+class Trainer(Protocol):
+    """A client's local training: `LocalTrainer`, or `train.dpsgd.DpSgdTrainer` for sample-level DP."""
+
+    pad_id: int
+
+    def train(
+        self,
+        global_flat: torch.Tensor,
+        client: ClientData,
+        *,
+        seed: int,
+        steps: int | None = None,
+        epochs: int | None = None,
+        on_step: Callable[[float], None] = ...,
+    ) -> ClientUpdate: ...
+
+
+class LocalTrainer:
+    """Runs local steps on the shared PEFT model for one client at a time."""
+
+    def __init__(self, model: torch.nn.Module, adapter: FlatAdapter, cfg: TrainConfig, pad_id: int) -> None:
+        self.model = model
+        self.adapter = adapter
+        self.cfg = cfg
+        self.pad_id = pad_id
+
+    def train(
+        self,
+        global_flat: torch.Tensor,
+        client: ClientData,
+        *,
+        seed: int,
+        steps: int | None = None,
+        epochs: int | None = None,
+        on_step: Callable[[float], None] = lambda _loss: None,
+    ) -> ClientUpdate:
+        """Train from `global_flat` on `client.train`; `seed` fixes batch order and dropout."""
+        generator = torch.Generator().manual_seed(seed)
+        schedule = batch_schedule(
+            len(client.train), self.cfg.batch_size, generator, steps=steps, epochs=epochs
+        )
+        self.adapter.load(global_flat)
+        optimizer = torch.optim.AdamW(self.adapter.params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        self.model.train()
+        losses = torch.empty(len(schedule))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)  # LoRA dropout, scoped to this client's steps
+            for step, indices in enumerate(schedule):
+                batch = collate([client.train[i] for i in indices.tolist()], self.pad_id)
+                loss = self.model(**batch).loss
+                if not torch.isfinite(loss):
+                    return self._refused(client, step, losses[:step], f"non-finite loss at step {step}")
+                loss.backward()
+                if self.cfg.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(self.adapter.params, self.cfg.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses[step] = loss.detach()
+                on_step(float(losses[step]))
+        self.model.eval()
+        delta = self.adapter.buffer - global_flat
+        if not torch.isfinite(delta).all():
+            return self._refused(client, len(schedule), losses, "non-finite adapter delta")
+        return ClientUpdate(
+            client_id=client.client_id,
+            delta=delta,
+            num_examples=len(client.train),
+            num_steps=len(schedule),
+            train_loss=float(losses.mean()),
+        )
+
+    def _refused(self, client: ClientData, steps: int, losses: torch.Tensor, reason: str) -> ClientUpdate:
+        self.model.eval()
+        return ClientUpdate(
+            client_id=client.client_id,
+            delta=None,
+            num_examples=len(client.train),
+            num_steps=steps,
+            train_loss=float(losses.mean()) if len(losses) else float("nan"),
+            error=reason,
+        )

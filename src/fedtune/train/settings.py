@@ -1,0 +1,16 @@
+"""The `[train]` config section: each client's local optimizer."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from fedtune.section import PositiveInt, Section
+
+
+class TrainConfig(Section):
+    """Each client's local optimizer (AdamW)."""
+
+    lr: float = Field(2e-3, gt=0.0)
+    batch_size: PositiveInt = 4
+    weight_decay: float = Field(0.0, ge=0.0)
+    max_grad_norm: float = Field(1.0, ge=0.0)  # 0 disables gradient clipping
