@@ -34,9 +34,9 @@ def main() -> None:
     for name, overrides in SETTINGS.items():
         run_dir = out / f"communication-{name.split()[0].replace('/', '-')}"
         result = simulate(load_config(None, [*overrides, *extra, f"run.dir={run_dir}"]))
-        rows = result.rows[1:]
+        rounds = result.rounds[1:]
         results[name] = {
-            "bytes_up_per_round": sum(r["bytes_up"] for r in rows) / len(rows),
+            "bytes_up_per_round": sum(r.bytes_up for r in rounds) / len(rounds),
             "final_eval_loss": result.after.loss,
             "final_perplexity": result.after.perplexity,
             "seconds": result.seconds,

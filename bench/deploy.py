@@ -4,13 +4,13 @@ hand, with the machine).
 1. Round overhead: one round of 50 clients on the tiny model, deployed (`serve` in a thread, 50
    `run_client` threads, each with its own certificate and JSONL file, all in this process) against the
    same round in simulation (one JSONL file holding the 50 sites' texts, `data.client_field = client`).
-   Same config, same local steps, same evaluation work (each deployed client evaluates the global adapter
-   on its held-out split; the simulation evaluates all 50 clients in its last round). Round 2 is compared,
+   Same config, same local steps, same evaluation work (the round engine's: after the last round every
+   client evaluates the new global adapter on its held-out split, in both modes). Round 2 is compared,
    round 1 being the warm-up. Alternated `--repeats` times; the ratio uses the fastest of each side.
    `run.threads = 1` on both sides by default (`--torch-threads`). Reported next to the walls: the
    process CPU time of round 2 on each side, the simulation's train and eval seconds, and on the deployed
-   side the time outside client work (round opened -> first `Site.work`, last one done -> round closed:
-   the transport on the critical path, timed by wrapping those methods in this process only).
+   side the time outside client work (round opened -> first participant's training, last one done ->
+   round closed: the transport on the critical path, timed by wrapping those methods in this process only).
 2. Throughput: a server (`serve` in a child process) whose adapter is LoRA rank 51 on the tiny model's
    lm_head (2,510,016 float32 values, 10.04 MB); raw-protocol clients (join, GetTask, SubmitUpdate of a
    random float32 delta, no model) time each download and upload alone (a lock serializes them).
@@ -156,7 +156,8 @@ class RoundMarks:
     marks: list[tuple[float, float]] = field(default_factory=list)
     rows: list[dict[str, Any]] = field(default_factory=list)
 
-    def finished(self, row: dict[str, Any]) -> None:
+    def finished(self, result: Any) -> None:
+        row = result.to_row()
         if row["round"] >= 1:
             self.marks.append((time.perf_counter(), cpu_seconds()))
             self.rows.append(row)
@@ -182,8 +183,8 @@ def simulated_round(config: Any) -> dict[str, Any]:
     marks = RoundMarks()
 
     class Marker(Silent):
-        def round_finished(self, row: dict[str, Any]) -> None:
-            marks.finished(row)
+        def round_finished(self, result: Any) -> None:
+            marks.finished(result)
 
     simulate(config, Marker())
     return marks.round2()
@@ -222,29 +223,34 @@ def serving_thread(config: Any, on_round: Any) -> Iterator[str]:
 
 @contextmanager
 def timeline() -> Iterator[dict[str, Any]]:
-    """When the server opens and closes each round and when each client's `Site.work` (evaluate, train,
-    encode) runs: the methods are wrapped for the duration (this benchmark only) and restored."""
-    from fedtune.deploy.client import Site
-    from fedtune.deploy.coordinator import Coordinator
+    """When the server opens and closes each training round and when each participant trains (train,
+    encode): the methods are wrapped for the duration (this benchmark only) and restored."""
+    from fedtune.round.messages import TrainRequest
+    from fedtune.round.participant import Participant
+    from fedtune.round.transport import Purpose
+    from fedtune.transport.coordinator import Coordinator
 
     events: dict[str, Any] = {"open": {}, "close": {}, "work": [], "waits": []}
     targets = [
         (Coordinator, "open_round"),
         (Coordinator, "close_round"),
         (Coordinator, "next_task"),
-        (Site, "work"),
+        (Participant, "respond"),
     ]
     saved = [getattr(owner, name) for owner, name in targets]
-    open_round, close_round, next_task, work = saved
+    open_round, close_round, next_task, respond = saved
 
-    def timed_open(self: Any, task: Any, *args: Any, **kwargs: Any) -> None:
-        events["open"][task.round_num] = time.perf_counter()
-        open_round(self, task, *args, **kwargs)
+    def timed_open(self: Any, round_num: int, purpose: Any, *args: Any, **kwargs: Any) -> None:
+        if purpose == Purpose.TRAIN:
+            events["open"][round_num] = time.perf_counter()
+        open_round(self, round_num, purpose, *args, **kwargs)
 
-    def timed_close(self: Any) -> Any:
-        outcome = close_round(self)
-        events["close"][outcome.round_num] = time.perf_counter()
-        return outcome
+    def timed_close(self: Any, *args: Any, **kwargs: Any) -> Any:
+        current = self._round
+        refused = close_round(self, *args, **kwargs)
+        if current is not None and current.purpose == Purpose.TRAIN:
+            events["close"][current.round_num] = time.perf_counter()
+        return refused
 
     def timed_next_task(self: Any, session: Any) -> Any:
         found = next_task(self, session)
@@ -252,14 +258,15 @@ def timeline() -> Iterator[dict[str, Any]]:
             events["waits"].append(time.perf_counter())
         return found
 
-    def timed_work(self: Any, task: Any, *args: Any, **kwargs: Any) -> Any:
+    def timed_respond(self: Any, message: Any) -> Any:
         started = time.perf_counter()
         try:
-            return work(self, task, *args, **kwargs)
+            return respond(self, message)
         finally:
-            events["work"].append((int(task.round), started, time.perf_counter()))
+            if isinstance(message, TrainRequest):
+                events["work"].append((message.task.round_num, started, time.perf_counter()))
 
-    wrappers = (timed_open, timed_close, timed_next_task, timed_work)
+    wrappers = (timed_open, timed_close, timed_next_task, timed_respond)
     for (owner, name), wrapped in zip(targets, wrappers, strict=True):
         setattr(owner, name, wrapped)
     try:
@@ -284,7 +291,7 @@ def critical_path(events: dict[str, Any], round_num: int) -> dict[str, float]:
 
 
 def deployed_round(config: Any, certs: Path, paths: dict[str, Path]) -> dict[str, Any]:
-    from fedtune.deploy.client import run_client
+    from fedtune.deploy.site import run_client
 
     marks = RoundMarks()
     results: dict[str, Any] = {}
@@ -366,7 +373,7 @@ def server_child(config_path: str) -> None:
 
     def target() -> None:
         try:
-            done["rows"] = serve(config, bound_port=port).rows
+            done["rows"] = [r.to_row() for r in serve(config, bound_port=port).rounds]
         except BaseException as exc:
             done["error"] = repr(exc)
 
@@ -446,22 +453,23 @@ def raw_client(
     import grpc
     import numpy as np
 
-    from fedtune.deploy.client import CALL_TIMEOUT_S, Stub, _get_task, _join, _update_stream, open_channel
     from fedtune.pki import common_name, load_identity
     from fedtune.transport import fedtune_v2_pb2 as pb
+    from fedtune.transport.channel import Stub, open_channel
+    from fedtune.transport.site_driver import CALL_TIMEOUT_S, get_task, join, update_stream
     from fedtune.transport.wire import float32_bytes
 
     client_id = common_name(load_identity(certs).cert_pem)
     channel = open_channel(target, certs)
     stub = Stub(channel)
     rng = np.random.default_rng(list(client_id.encode()))
-    session = _join(stub, client_id, None).session
+    session = join(stub, client_id, 0).session
     guard = serial or nullcontext()
     try:
         while True:
             with guard:
                 t = time.perf_counter()
-                found = _get_task(stub, session, numel)
+                found = get_task(stub, session, numel)
                 seconds = time.perf_counter() - t
             if isinstance(found, pb.Done):
                 return
@@ -470,6 +478,17 @@ def raw_client(
                 continue
             task, _global_flat = found
             out.append(Transfer("down", int(task.round), numel * 4, seconds))
+            if task.kind == pb.TASK_EVALUATE:  # the engine's evaluation rounds: report a loss, no data
+                report = pb.UpdateHeader(
+                    session=session,
+                    round=task.round,
+                    nonce=task.nonce,
+                    encoding=pb.ENCODING_EVALUATION,
+                    eval_nll=1.0,
+                    eval_tokens=1,
+                )
+                stub.submit(update_stream(report, b"", chunk_bytes), timeout=CALL_TIMEOUT_S)
+                continue
             payload = float32_bytes(rng.standard_normal(numel, dtype=np.float32) * 1e-3)
             header = pb.UpdateHeader(
                 session=session,
@@ -483,7 +502,7 @@ def raw_client(
             with guard:
                 t = time.perf_counter()
                 reply = pb.SubmitReply.FromString(
-                    stub.submit(_update_stream(header, payload, chunk_bytes), timeout=CALL_TIMEOUT_S)
+                    stub.submit(update_stream(header, payload, chunk_bytes), timeout=CALL_TIMEOUT_S)
                 )
                 seconds = time.perf_counter() - t
             if not reply.accepted:

@@ -1,7 +1,9 @@
 """Simulation overhead and memory, measured (results go to bench/RESULTS.md by hand, with the machine).
 
 1. Overhead ratio: the same client steps (same clients, same batches in the same order) run
-   a) by fedtune: `LocalTrainer.train` (global adapter swapped in, delta read out) + streaming FedAvg, and
+   a) by fedtune: one round of the round engine over the in-process transport (participants: global
+      adapter swapped in, local steps, delta read out and encoded; the server: checked, summed streaming,
+      FedAvg, server optimizer), and
    b) by a plain PEFT loop: reset the adapter with `set_peft_model_state_dict`, AdamW, forward/backward,
       read the adapter back with `get_peft_model_state_dict`.
    Timed alternately, `--repeats` times each; the ratio uses the fastest repeat of each side.
@@ -28,12 +30,12 @@ import time
 import torch
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
-from fedtune.aggregate import make_aggregator
-from fedtune.train.local import batch_schedule
+from fedtune.aggregate import RunningSum, make_aggregator
 from fedtune.config import load_config
 from fedtune.data.batching import collate
 from fedtune.seeding import derive_seed
-from fedtune.simulation import setup
+from fedtune.simulation import Silent, setup
+from fedtune.train.local import batch_schedule
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -55,25 +57,27 @@ def overhead(model: str, clients: int, steps: int, repeats: int) -> dict:
             f"federation.num_clients={clients}",
             f"federation.clients_per_round={clients}",
             f"federation.local_steps={steps}",
+            "federation.rounds=10",
+            "eval.every=100",  # round 1 of 10 is not evaluated: the round is training and aggregation only
+            "run.dir=bench/out/overhead-run",
         ],
     )
-    s = setup(config, notify=print)
-    trainer, adapter = s.trainer, s.adapter
+    s = setup(config, Silent(), print)
+    adapter, engine = s.local.adapter, s.engine
     global_flat = adapter.get()
-    seeds = [derive_seed(0, "bench", i) for i in range(clients)]
+    seeds = [derive_seed(0, "train", 1, i) for i in range(clients)]  # the engine's seeds for round 1
 
     def fedtune_round() -> float:
-        aggregator = make_aggregator(config.server)
+        engine.global_flat = global_flat
         t = time.perf_counter()
-        for client, seed in zip(s.clients, seeds, strict=True):
-            update = trainer.train(global_flat, client, seed=seed, steps=steps)
-            aggregator.add(update.delta, update.num_examples)
-        aggregator.finish(global_flat)
+        result = engine.run_round(1)
+        assert result.clients == clients and result.eval is None
         return time.perf_counter() - t
 
     # The plain loop runs on the same model object through PEFT's own state-dict API, with the same
     # batches (same schedule and collate) and the same optimizer settings.
-    peft_model = s.model
+    peft_model = s.local.model
+    pad_id = s.local.pad_id
     initial = {k: v.clone() for k, v in get_peft_model_state_dict(peft_model).items()}
     params = [p for p in peft_model.parameters() if p.requires_grad]
     cfg = config.train
@@ -88,7 +92,7 @@ def overhead(model: str, clients: int, steps: int, repeats: int) -> dict:
                 len(client.train), cfg.batch_size, torch.Generator().manual_seed(seed), steps=steps
             )
             for indices in schedule:
-                batch = collate([client.train[i] for i in indices.tolist()], trainer.pad_id)
+                batch = collate([client.train[i] for i in indices.tolist()], pad_id)
                 loss = peft_model(**batch).loss
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -106,13 +110,14 @@ def overhead(model: str, clients: int, steps: int, repeats: int) -> dict:
             times.append(fn())
             print(f"  repeat {r}: {fn.__name__} {times[-1]:.2f}s", flush=True)
 
-    # The overhead proper, timed on its own: swap in, read delta out, aggregate.
+    # The overhead proper, timed on its own: swap in, read delta out, sum, aggregate.
     aggregator = make_aggregator(config.server)
     t = time.perf_counter()
+    running = RunningSum()
     for _ in range(clients):
         adapter.load(global_flat)
-        aggregator.add(adapter.buffer - global_flat, 1)
-    aggregator.finish(global_flat)
+        running.add(adapter.buffer - global_flat, 1)
+    aggregator.step(global_flat, running.summed(adapter.numel))
     swap_seconds = (time.perf_counter() - t) / clients
     return {
         "model": model,
@@ -129,7 +134,7 @@ def overhead(model: str, clients: int, steps: int, repeats: int) -> dict:
 
 def rss_child(model: str, num_clients: int) -> None:
     """Runs in a fresh process: one round in which every client takes one step; prints JSON."""
-    from fedtune.simulation import Silent, simulate
+    from fedtune.simulation import simulate
 
     config = load_config(
         None,

@@ -48,9 +48,9 @@ def main() -> None:
         results[name] = {
             "eval_loss_before": result.before.loss,
             "eval_loss_after": result.after.loss,
-            "epsilon": result.rows[-1].get("epsilon"),
+            "epsilon": None if result.rounds[-1].privacy is None else result.rounds[-1].privacy.epsilon,
             "noise_multiplier": resolved.get("privacy", {}).get("noise_multiplier"),
-            "rounds": len(result.rows) - 1,
+            "rounds": len(result.rounds) - 1,
             "seconds": result.seconds,
         }
         print(name, results[name], flush=True)

@@ -6,9 +6,9 @@ import pytest
 import torch
 from peft import PeftModel
 
-from fedtune.model.adapter import FlatAdapter, attach_lora, save_adapter
 from fedtune.config import LoraSettings
 from fedtune.errors import ConfigError
+from fedtune.model.adapter import FlatAdapter, attach_lora, save_adapter
 from fedtune.model.base import load_base_model
 
 

@@ -66,3 +66,33 @@ def test_missing_and_malformed_files(tmp_path):
 def test_config_is_frozen():
     with pytest.raises(Exception, match="frozen"):
         Config().federation.rounds = 5  # type: ignore[misc]
+
+
+def test_a_moved_key_says_where_it_went():
+    with pytest.raises(ConfigError, match=r"deploy\.min_clients has moved: set federation\.min_clients"):
+        load_config(None, ["deploy.min_clients=2"])
+
+
+def test_each_mode_refuses_what_it_cannot_honour():
+    from fedtune.config import check
+
+    dropouts = load_config(
+        None, ["secure_aggregation.dropout_rate=0.1", "deploy.clients=['a', 'b', 'c', 'd']"]
+    )
+    assert check(dropouts, "simulate") == []  # simulated dropouts are the simulation's
+    with pytest.raises(ConfigError, match="clients drop by themselves"):
+        check(dropouts, "deploy")
+    fraction = load_config(None, ["federation.fraction_per_round=0.5", "deploy.clients=['a', 'b']"])
+    with pytest.raises(ConfigError, match="fraction_per_round is for simulation"):
+        check(fraction, "deploy")
+    with pytest.raises(ConfigError, match=r"deploy\.clients is empty"):
+        check(load_config(None, []), "deploy")
+    with pytest.raises(ConfigError, match=r"federation\.min_clients = 5 exceeds the 4"):
+        load_config(None, ["federation.min_clients=5"])
+
+
+def test_a_folder_source_is_a_natural_split_by_file(tmp_path):
+    (tmp_path / "sites").mkdir()
+    assert load_config(None, [f"data.source='{tmp_path / 'sites'}'"]).data.partition == "natural"
+    with pytest.raises(ConfigError, match=r"needs data\.client_field"):
+        load_config(None, [f"data.source='{tmp_path / 'one.jsonl'}'"])

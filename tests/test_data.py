@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from fedtune.config import DataConfig
-from fedtune.data import ClientData, load_clients
+from fedtune.data import ClientData, load_clients, load_site
 from fedtune.data.batching import collate
 from fedtune.data.partition import dirichlet_partition, group_by_client, iid_partition
 from fedtune.data.population import num_eval
@@ -387,3 +387,20 @@ def test_data_package_uses_no_global_randomness() -> None:
                 and node.value.value.id in ("np", "numpy")
             ):
                 assert node.attr in ALLOWED_NP_RANDOM, f"{path}:{node.lineno}: np.random.{node.attr}"
+
+
+def test_a_folder_source_loads_each_file_as_its_site_would(tmp_path: Path, tokenizer) -> None:
+    folder = tmp_path / "sites"
+    folder.mkdir()
+    for who, size in {"north": 20, "south": 12, "east": 3}.items():
+        lines = [json.dumps({"text": f"{who} says line {i}"}) for i in range(size)]
+        (folder / f"{who}.jsonl").write_text("\n".join(lines) + "\n")
+    cfg = DataConfig(source=str(folder), min_examples=5, max_examples_per_client=16)
+    clients = load_clients(cfg, "all", tokenizer, np.random.default_rng(0), seed=3)
+    assert [c.client_id for c in clients] == ["north", "south"]  # east has too few rows
+    for client in clients:
+        site = load_site(folder / f"{client.client_id}.jsonl", cfg, client.client_id, tokenizer, seed=3)
+        assert client == site  # the very examples, split and order the site itself will have
+    assert len(clients[0].train) + len(clients[0].eval) == 16
+    with pytest.raises(DataError, match="it is split already"):
+        load_clients(DataConfig(source=str(folder), partition="iid"), 2, tokenizer, np.random.default_rng(0))

@@ -4,14 +4,14 @@ import pytest
 import torch
 from opacus import GradSampleModule
 
-from fedtune.model.adapter import FlatAdapter, attach_lora
-from fedtune.train.local import LocalTrainer
 from fedtune.config import LoraSettings, TrainConfig
 from fedtune.data import ClientData
 from fedtune.data.batching import collate
+from fedtune.model.adapter import FlatAdapter, attach_lora
 from fedtune.model.base import load_base_model
 from fedtune.privacy.dpsgd import record_epsilon
 from fedtune.train.dpsgd import DpSgdSettings, DpSgdTrainer, per_example_loss, poisson_batches
+from fedtune.train.local import LocalTrainer
 
 
 def lora_model(tiny_dir, dropout):

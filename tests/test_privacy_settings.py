@@ -78,7 +78,7 @@ def test_fields_are_validated_and_typed():
             ),
             "deploy",
         )
-    with pytest.raises(ConfigError, match="federation.min_clients = 2 with privacy"):
+    with pytest.raises(ConfigError, match=r"federation\.min_clients = 2 with privacy"):
         validate({"privacy": {"mode": "central", "noise_multiplier": 1.0}, "federation": {"min_clients": 2}})
 
 

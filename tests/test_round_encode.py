@@ -20,7 +20,9 @@ from fedtune.errors import ConfigError
 from fedtune.privacy.clip import l2_norm
 from fedtune.round.encode import Masking, encode_update
 from fedtune.round.messages import CompressedUpdate, DenseUpdate, MaskedUpdate
-from fedtune.secagg.fixedpoint import FixedPoint, decode as decode_words, encode as fixed_point
+from fedtune.secagg.fixedpoint import FixedPoint
+from fedtune.secagg.fixedpoint import decode as decode_words
+from fedtune.secagg.fixedpoint import encode as fixed_point
 
 SEED = bytes(range(32))
 

@@ -17,8 +17,8 @@ from fedtune.secagg import (
     SecAggAbort,
     SecAggClient,
     SecAggParams,
-    SecAggStages,
     SecAggServer,
+    SecAggStages,
     Stage,
     neighbour_graph,
     run_secagg_round,
@@ -120,7 +120,10 @@ def test_the_stage_driver_takes_masked_inputs_as_clients_finish_training():
         stages.receive(i, clients[i].masked_input(stages.outbox[i], payload))
     stages.declined(5)
     with pytest.raises(ProtocolViolation, match="no masked_input message"):
-        stages.receive(5, clients[5].masked_input(stages.outbox[5], encode(vectors[5], 1, spec, np.random.default_rng(0))))
+        stages.receive(
+            5,
+            clients[5].masked_input(stages.outbox[5], encode(vectors[5], 1, spec, np.random.default_rng(0))),
+        )
     stages.close_stage()
     assert stages.abort is None and sorted(stages.outbox) == submitted
     for i, msg in stages.outbox.items():

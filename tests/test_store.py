@@ -12,7 +12,8 @@ import torch
 import fedtune.store as store_module
 from fedtune.aggregate import ServerAdaptive
 from fedtune.errors import StateError
-from fedtune.store import Checkpoint, Store, status_lines
+from fedtune.status import status_lines
+from fedtune.store import Checkpoint, Store
 
 DP_STATE = {
     "accountant": {"version": 1, "accountant": "rdp", "history": [{"z": 1.1, "rounds": 3}]},

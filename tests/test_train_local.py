@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from fedtune.model.adapter import FlatAdapter, attach_lora
-from fedtune.train.local import LocalTrainer, batch_schedule
 from fedtune.config import LoraSettings, TrainConfig
 from fedtune.data import ClientData
+from fedtune.model.adapter import FlatAdapter, attach_lora
 from fedtune.model.base import load_base_model
+from fedtune.train.local import LocalTrainer, batch_schedule
 
 
 def test_batch_schedule_by_steps_and_epochs():

@@ -222,7 +222,8 @@ def status(
     """Show a deployed run's rounds, participants, stragglers and refused messages."""
     from fedtune.deploy.server import STATE_FILE
     from fedtune.errors import StateError
-    from fedtune.store import Store, status_lines
+    from fedtune.status import status_lines
+    from fedtune.store import Store
 
     path = run_dir / STATE_FILE
     if not path.is_file():

@@ -33,6 +33,7 @@ from fedtune.round.state import ClientStateStore
 from fedtune.round.transport import Phase
 from fedtune.rundir import RunDir, client_changes, summary
 from fedtune.seeding import numpy_rng
+from fedtune.train.local import LocalModel
 
 
 class Observer(Protocol):
@@ -73,23 +74,31 @@ def total_steps(config: Config, clients: list[ClientData], cohort: int) -> int:
     return fed.rounds * cohort * per_client
 
 
-def simulate(
+@dataclass
+class Setup:
+    """Everything a simulation builds before round 0: the resolved config, the clients, the one model,
+    and the engine over the in-process transport."""
+
+    config: Config
+    clients: list[ClientData]
+    model_dir: Path
+    local: LocalModel
+    engine: RoundEngine
+    run_dir: RunDir
+
+
+def setup(
     config: Config,
-    observer: Observer | None = None,
-    notify: Callable[[str], None] = lambda _msg: None,
+    observer: Observer,
+    notify: Callable[[str], None],
     *,
     rule: AggregationRule | None = None,
     server_opt: ServerOptimizer | None = None,
     dropouts: Dropouts | None = None,
     dp_randomness: DpRandomness | None = None,
-) -> RunResult:
-    """Run one federated fine-tuning job in simulation and write its run directory.
-
-    `rule` and `server_opt` replace `[server]`'s (a user's own aggregation, see `AggregationRule`);
-    `dropouts` replaces the seeded secure-aggregation dropouts; `dp_randomness` the OS generators of
-    client-level DP (tests only: a seeded one breaks the guarantee)."""
-    observer = observer or Silent()
-    started = time.perf_counter()
+) -> Setup:
+    """Load the data (bad input is refused before the model loads), the model, resolve the run's plan,
+    and build the engine; writes the run directory's config.toml."""
     if config.run.threads is not None:
         torch.set_num_threads(config.run.threads)
     seed = config.run.seed
@@ -106,7 +115,7 @@ def simulate(
         largest_weight=max(len(c.train) for c in clients),
         dp_randomness=dp_randomness,
     )
-    config, plan = resolved.config, resolved.plan
+    config = resolved.config
     for note in resolved.notes:
         notify(note)
     run_dir = RunDir(config.run.resolved_dir)
@@ -126,7 +135,7 @@ def simulate(
         on_work=observer.working,
     )
     engine = RoundEngine(
-        plan,
+        resolved.plan,
         transport,
         make_aggregator(config.server, rule=rule, server_opt=server_opt),
         local.adapter.get(),
@@ -134,35 +143,58 @@ def simulate(
         dp_randomness=resolved.dp_randomness,
         notify=notify,
     )
-    observer.start(plan.rounds, total_steps(config, clients, plan.cohort))
+    return Setup(config, clients, model_dir, local, engine, run_dir)
+
+
+def simulate(
+    config: Config,
+    observer: Observer | None = None,
+    notify: Callable[[str], None] = lambda _msg: None,
+    *,
+    rule: AggregationRule | None = None,
+    server_opt: ServerOptimizer | None = None,
+    dropouts: Dropouts | None = None,
+    dp_randomness: DpRandomness | None = None,
+) -> RunResult:
+    """Run one federated fine-tuning job in simulation and write its run directory.
+
+    `rule` and `server_opt` replace `[server]`'s (a user's own aggregation, see `AggregationRule`);
+    `dropouts` replaces the seeded secure-aggregation dropouts; `dp_randomness` the OS generators of
+    client-level DP (tests only: a seeded one breaks the guarantee)."""
+    observer = observer or Silent()
+    started = time.perf_counter()
+    s = setup(
+        config,
+        observer,
+        notify,
+        rule=rule,
+        server_opt=server_opt,
+        dropouts=dropouts,
+        dp_randomness=dp_randomness,
+    )
+    plan, numel = s.engine.plan, s.local.adapter.numel
+    observer.start(plan.rounds, total_steps(s.config, s.clients, plan.cohort))
     results: list[RoundResult] = []
-    for result in engine.run():
+    for result in s.engine.run():
         results.append(result)
-        run_dir.append(result)
+        s.run_dir.append(result)
         observer.round_finished(result)
 
-    save_adapter(local.model, local.adapter, engine.global_flat, run_dir.adapter_dir, model_dir)
+    save_adapter(s.local.model, s.local.adapter, s.engine.global_flat, s.run_dir.adapter_dir, s.model_dir)
     evaluated = [r.eval for r in results if r.eval is not None]
     seconds = time.perf_counter() - started
     settings = summary(
-        config,
-        num_clients=len(clients),
-        cohort=plan.cohort,
-        adapter_numel=local.adapter.numel,
-        seconds=seconds,
+        s.config, num_clients=len(s.clients), cohort=plan.cohort, adapter_numel=numel, seconds=seconds
     )
-    run_dir.finish(
-        client_changes(evaluated[0], evaluated[-1]),
-        title=f"fedtune run `{config.run.name}`",
-        settings=settings,
-    )
+    title = f"fedtune run `{s.config.run.name}`"
+    s.run_dir.finish(client_changes(evaluated[0], evaluated[-1]), title=title, settings=settings)
     return RunResult(
-        run_dir=run_dir.path,
+        run_dir=s.run_dir.path,
         rounds=results,
         before=evaluated[0],
         after=evaluated[-1],
         seconds=seconds,
-        num_clients=len(clients),
-        adapter_numel=local.adapter.numel,
-        notes=engine.notes,
+        num_clients=len(s.clients),
+        adapter_numel=numel,
+        notes=s.engine.notes,
     )

@@ -4,8 +4,8 @@ What is notable:
 - A round ends in one transaction: its status, its metrics and its checkpoint (global adapter, server
   optimizer state, DP state) commit together or not at all. After a crash mid-round the open round is simply
   re-run: `completed_rounds()` and `latest_checkpoint()` still describe the last round that finished.
-- Tensors are stored as safetensors bytes, never pickle. On load the adapter blob must hold exactly one
-  1-D float32 tensor "global"; anything else is a corrupt file and raises StateError.
+- Tensors are stored as safetensors bytes, never pickle (`fedtune.checkpoint`): a blob that does not hold
+  what it should is a corrupt file and raises StateError.
 - One connection is shared by the gRPC handler threads and the round loop, serialized by a lock; writes take
   `BEGIN IMMEDIATE`. WAL with `synchronous=FULL` makes a committed round durable and lets `fedtune status`
   read while the server writes.
@@ -14,28 +14,22 @@ What is notable:
 
 Participant statuses, by convention: "selected" -> "sent" -> "submitted", or a terminal one the server names
 ("refused", "dropped", ...). Selected or sent at the end of a round means a straggler. Event kinds that start
-with "refused" count as refused messages in `status_lines`.
+with "refused" count as refused messages (`fedtune.status`).
 """
 
 from __future__ import annotations
 
-import json
-import math
 import sqlite3
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as load_tensors
-from safetensors.torch import save as save_tensors
-
+from fedtune.checkpoint import Checkpoint, Encoded, decode_checkpoint, encode_checkpoint, loads, metrics_json
 from fedtune.errors import StateError
 
 SCHEMA_VERSION = 1
@@ -77,15 +71,6 @@ _SCHEMA = (
         extra_json TEXT,
         created_at REAL NOT NULL)""",
 )
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    round_num: int  # the last completed round (0 = the initial adapter)
-    global_flat: torch.Tensor  # float32, 1-D
-    optimizer_state: dict[str, torch.Tensor]
-    dp_state: dict[str, Any] | None = None  # ClientLevelDp.state_dict(): JSON-able
-    extra: dict[str, Any] | None = None  # JSON-able, e.g. {"rows_written": 3}
 
 
 @dataclass(frozen=True)
@@ -270,10 +255,10 @@ class Store:
     ) -> None:
         if checkpoint is not None and checkpoint.round_num != round_num:
             raise StateError(f"checkpoint of round {checkpoint.round_num} passed to close round {round_num}")
-        encoded = None if checkpoint is None else _encode_checkpoint(checkpoint)
-        metrics_json = _metrics_json(metrics)
+        encoded = None if checkpoint is None else encode_checkpoint(checkpoint)
+        row_json = metrics_json(metrics)
         with self._write() as conn:
-            _close_round(conn, round_num, status, metrics_json)
+            _close_round(conn, round_num, status, row_json)
             if encoded is not None:
                 _insert_checkpoint(conn, round_num, encoded)
 
@@ -291,7 +276,7 @@ class Store:
             by_round.setdefault(round_num, []).append(Participant(client_id, status, detail))
         return [
             RoundRecord(
-                r, status, started, finished, _loads(metrics, f"metrics of round {r}"), by_round.get(r, [])
+                r, status, started, finished, loads(metrics, f"metrics of round {r}"), by_round.get(r, [])
             )
             for r, status, started, finished, metrics in rows
         ]
@@ -331,7 +316,7 @@ class Store:
 
     def save_checkpoint(self, checkpoint: Checkpoint) -> None:
         """Store a checkpoint outside a round, e.g. the initial adapter as round 0."""
-        encoded = _encode_checkpoint(checkpoint)
+        encoded = encode_checkpoint(checkpoint)
         with self._write() as conn:
             _insert_checkpoint(conn, checkpoint.round_num, encoded)
 
@@ -341,7 +326,7 @@ class Store:
                 "SELECT round, adapter, optimizer, dp_state, extra_json FROM checkpoints "
                 "ORDER BY round DESC LIMIT 1"
             ).fetchone()
-        return None if row is None else self._decode_checkpoint(*row)
+        return None if row is None else decode_checkpoint(*row, where=str(self.path))
 
     def keep_checkpoints(self, last: int = 2) -> None:
         """Delete all but the `last` newest checkpoints; the latest is always kept."""
@@ -355,30 +340,6 @@ class Store:
                 "(SELECT round FROM checkpoints ORDER BY round DESC LIMIT ?)",
                 (last,),
             )
-
-    def _decode_checkpoint(
-        self, round_num: int, adapter: object, optimizer: object, dp_state: str | None, extra: str | None
-    ) -> Checkpoint:
-        corrupt = f"the checkpoint of round {round_num} in {self.path} is corrupt"
-        fix = "restore the state file from a backup or start a new run.dir"
-        if not isinstance(adapter, bytes) or not isinstance(optimizer, bytes):
-            raise StateError(f"{corrupt} (not a blob): {fix}")
-        try:
-            tensors = load_tensors(adapter)
-            optimizer_state = load_tensors(optimizer)
-        except SafetensorError as err:
-            raise StateError(f"{corrupt} ({err}): {fix}") from err
-        flat = tensors.get("global")
-        if set(tensors) != {"global"} or flat is None or flat.dim() != 1 or flat.dtype != torch.float32:
-            found = {k: (str(v.dtype), tuple(v.shape)) for k, v in tensors.items()}
-            raise StateError(f"{corrupt} (adapter holds {found}, not one 1-D float32 'global'): {fix}")
-        return Checkpoint(
-            round_num=int(round_num),
-            global_flat=flat,
-            optimizer_state=optimizer_state,
-            dp_state=_loads(dp_state, f"DP state of round {round_num}"),
-            extra=_loads(extra, f"extra state of round {round_num}"),
-        )
 
 
 def _close_round(conn: sqlite3.Connection, round_num: int, status: str, metrics_json: str) -> None:
@@ -394,123 +355,9 @@ def _close_round(conn: sqlite3.Connection, round_num: int, status: str, metrics_
     raise StateError(f"round {round_num} is already {row[0]}; a round finishes once")
 
 
-_Encoded = tuple[bytes, bytes, str | None, str | None]
-
-
-def _encode_checkpoint(checkpoint: Checkpoint) -> _Encoded:
-    flat = checkpoint.global_flat
-    if flat.dim() != 1 or flat.dtype != torch.float32:
-        raise StateError(
-            f"checkpoint adapter is {flat.dtype} with shape {tuple(flat.shape)}; "
-            "pass the flat float32 adapter"
-        )
-    adapter = save_tensors({"global": _plain(flat)})
-    optimizer = save_tensors({k: _plain(v) for k, v in checkpoint.optimizer_state.items()})
-    return adapter, optimizer, _dumps(checkpoint.dp_state, "dp_state"), _dumps(checkpoint.extra, "extra")
-
-
-def _insert_checkpoint(conn: sqlite3.Connection, round_num: int, encoded: _Encoded) -> None:
+def _insert_checkpoint(conn: sqlite3.Connection, round_num: int, encoded: Encoded) -> None:
     conn.execute(
         "INSERT OR REPLACE INTO checkpoints (round, adapter, optimizer, dp_state, extra_json, created_at) "
         "VALUES (?, ?, ?, ?, ?, ?)",
         (round_num, *encoded, time.time()),
     )
-
-
-def _plain(tensor: torch.Tensor) -> torch.Tensor:
-    """A CPU copy with its own storage, as safetensors wants."""
-    return tensor.detach().to("cpu").contiguous().clone()
-
-
-def _dumps(value: dict[str, Any] | None, what: str) -> str | None:
-    if value is None:
-        return None
-    try:
-        return json.dumps(value)
-    except (TypeError, ValueError) as err:
-        raise StateError(
-            f"checkpoint {what} is not JSON-able ({err}); pass plain numbers, strings, lists"
-        ) from err
-
-
-def _loads(text: str | None, what: str) -> Any:
-    if text is None:
-        return None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as err:
-        raise StateError(
-            f"the {what} in the state file is corrupt ({err}): restore it or start a new run.dir"
-        ) from err
-
-
-def _json_safe(value: Any) -> Any:
-    """`value` with NaN/Inf floats as None and numpy or torch numbers as Python ones."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, Mapping):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    if hasattr(value, "tolist"):  # numpy scalars and arrays, tensors
-        return _json_safe(value.tolist())
-    return value
-
-
-def _metrics_json(metrics: Mapping[str, Any]) -> str:
-    try:
-        return json.dumps(_json_safe(metrics), allow_nan=False)
-    except (TypeError, ValueError) as err:
-        raise StateError(
-            f"round metrics are not JSON-able ({err}); report plain numbers and strings"
-        ) from err
-
-
-# Rendering for `fedtune status`.
-
-
-def status_lines(records: list[RoundRecord], events: dict[str, int], *, last: int = 5) -> list[str]:
-    """Plain-text lines describing the run: a summary, the latest `last` rounds, and refused messages."""
-    if not records:
-        return ["no rounds yet", *_event_lines(events)]
-    done = sum(r.status == "done" for r in records)
-    failed = sum(r.status == "failed" for r in records)
-    is_open = sum(r.status == "open" for r in records)
-    lines = [f"rounds: {done} done, {failed} failed, {is_open} open (latest {records[-1].round_num})"]
-    lines += [_round_line(r) for r in records[-last:]]
-    return lines + _event_lines(events)
-
-
-def _round_line(record: RoundRecord) -> str:
-    selected = len(record.participants)
-    submitted = sum(p.status == SUBMITTED_STATUS for p in record.participants)
-    stragglers = [p.client_id for p in record.participants if p.status in WAITING_STATUSES]
-    line = f"round {record.round_num:>4}  {record.status:<6}  submitted {submitted}/{selected}"
-    line += f"  stragglers {len(stragglers)}"
-    if stragglers:
-        shown = ", ".join(stragglers[:5])
-        more = f" +{len(stragglers) - 5} more" if len(stragglers) > 5 else ""
-        line += f" ({shown}{more})"
-    others = _other_statuses(record.participants)
-    if others:
-        line += f"  {others}"
-    reason = (record.metrics or {}).get("round_failed")
-    if record.status == "failed" and reason:
-        line += f"  reason: {reason}"
-    return line
-
-
-def _other_statuses(participants: list[Participant]) -> str:
-    counts: dict[str, int] = {}
-    for p in participants:
-        if p.status != SUBMITTED_STATUS and p.status not in WAITING_STATUSES:
-            counts[p.status] = counts.get(p.status, 0) + 1
-    return ", ".join(f"{status} {n}" for status, n in sorted(counts.items()))
-
-
-def _event_lines(events: dict[str, int]) -> list[str]:
-    refused = {k: n for k, n in sorted(events.items()) if k.startswith(REFUSED_EVENT_PREFIX)}
-    line = f"refused messages: {sum(refused.values())}"
-    if refused:
-        line += " (" + ", ".join(f"{k} {n}" for k, n in refused.items()) + ")"
-    return [line]

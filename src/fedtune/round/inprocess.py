@@ -32,6 +32,10 @@ class Dropouts(Protocol):
         """The secure stage at which this member drops, or None."""
         ...
 
+    def evaluates(self, round_num: int, client_id: str) -> bool:
+        """Whether the client is there to evaluate the adapter of `round_num`."""
+        ...
+
 
 class SeededDropouts:
     """Each member drops at each secure stage with probability `rate`, from the run seed's stream."""
@@ -51,15 +55,22 @@ class SeededDropouts:
             self._drawn = {key: [Stage(int(row.argmax())) if row.any() else None for row in drops]}
         return self._drawn[key][member.slot]
 
+    def evaluates(self, round_num: int, client_id: str) -> bool:
+        return True  # a drop is one stage's: the client is back to evaluate
+
 
 class ExplicitDropouts:
-    """Named clients drop at a named stage of a named round (tests, and what-if studies)."""
+    """Named clients drop at a named stage of a named round and are gone for the rest of it, its
+    evaluation included (tests, and what-if studies)."""
 
     def __init__(self, drops: Mapping[tuple[int, str], Stage]) -> None:
         self.drops = dict(drops)  # (round, client id) -> the stage it drops at
 
     def stage(self, round_num: int, member: Member, cohort: int) -> Stage | None:
         return self.drops.get((round_num, member.client_id))
+
+    def evaluates(self, round_num: int, client_id: str) -> bool:
+        return (round_num, client_id) not in self.drops  # gone for the rest of the round it dropped in
 
 
 class InProcessTransport:
@@ -86,8 +97,12 @@ class InProcessTransport:
         self._participants = {}
 
     def _dropped(self, slot: int, phase: Phase) -> bool:
+        if self.dropouts is None:
+            return False
+        if phase == Phase.EVALUATE:
+            return not self.dropouts.evaluates(self._round, self._members[slot].client_id)
         stage = phase.secagg_stage
-        if self.dropouts is None or stage is None:
+        if stage is None:
             return False
         at = self.dropouts.stage(self._round, self._members[slot], len(self._members))
         return at is not None and at <= stage

@@ -21,102 +21,30 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 
 from fedtune.errors import Refusal
-from fedtune.round.messages import EvalRequest, SecureTrainRequest, Submission, TrainRequest
+from fedtune.round.messages import SecureTrainRequest, Submission
 from fedtune.round.plan import Member
 from fedtune.round.transport import Exchange, Exchanged, Purpose
 from fedtune.secagg import Stage
-
-SELECTED, SENT, SUBMITTED, REFUSED, STRAGGLER = "selected", "sent", "submitted", "refused", "straggler"
-NONCE_BYTES = 16
-SESSION_BYTES = 16
-Task = TrainRequest | SecureTrainRequest | EvalRequest
-
-
-@dataclass
-class Session:
-    client_id: str
-    token: bytes
-    last_seen: float
-    num_examples: int
-    told_done: bool = False
-
-
-@dataclass
-class Assignment:
-    member: Member
-    nonce: bytes
-    status: str = SELECTED
-
-    @property
-    def slot(self) -> int:
-        return self.member.slot
-
-
-@dataclass(frozen=True, eq=False)
-class Offer:
-    """A member's first message of the round (its task), with its nonce and the round's deadline."""
-
-    message: Task
-    nonce: bytes
-    deadline: float
-
-
-@dataclass(frozen=True)
-class Wait:
-    retry_after_ms: int
-    reason: str
-
-
-@dataclass(frozen=True)
-class Done:
-    reason: str
-
-
-@dataclass
-class _Exchange:
-    exchange: Exchange
-    deadline: float
-    expected: set[int]  # slots the exchange waits for
-    received: set[int] = field(default_factory=set)
-    answered: set[int] = field(default_factory=set)
-    late: set[int] = field(default_factory=set)
-    refused: dict[int, str] = field(default_factory=dict)
-    opened_at: float = 0.0
-    closed: bool = False
-
-    @property
-    def stage(self) -> Stage | None:
-        return self.exchange.phase.secagg_stage
-
-
-@dataclass
-class _Round:
-    round_num: int
-    purpose: Purpose
-    assignments: dict[str, Assignment]
-    by_slot: dict[int, Assignment]
-    deadline: float
-    tasks: dict[int, Task] = field(default_factory=dict)  # the first exchange's messages: fetched as tasks
-    exchange: _Exchange | None = None  # the open (or last) exchange
-    first: _Exchange | None = None  # the exchange whose messages are the tasks
-    secure: bool = False
-
-
-@dataclass(frozen=True, eq=False)
-class _Closed:
-    round: _Round
-    reason: str
-
-
-class _Over(Exception):
-    """A call of the round that just closed."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
+from fedtune.transport.records import (
+    NONCE_BYTES,
+    REFUSED,
+    SELECTED,
+    SENT,
+    SESSION_BYTES,
+    STRAGGLER,
+    SUBMITTED,
+    Assignment,
+    ClosedRound,
+    Done,
+    Offer,
+    OpenExchange,
+    OpenRound,
+    RoundOver,
+    Session,
+    Wait,
+)
 
 
 class Coordinator:
@@ -145,8 +73,8 @@ class Coordinator:
         self.condition = threading.Condition()
         self._sessions: dict[bytes, Session] = {}
         self._by_client: dict[str, Session] = {}
-        self._round: _Round | None = None
-        self._closed: _Closed | None = None  # the last closed round, and why it ended
+        self._round: OpenRound | None = None
+        self._closed: ClosedRound | None = None  # the last closed round, and why it ended
         self._done_reason: str | None = None
         self._refusals: Counter[str] = Counter()
 
@@ -218,9 +146,9 @@ class Coordinator:
             self._status(r, a)
             return offer
 
-    def _assignment(self, session: Session, round_num: int, nonce: bytes) -> tuple[_Round, Assignment]:
+    def _assignment(self, session: Session, round_num: int, nonce: bytes) -> tuple[OpenRound, Assignment]:
         """The open round's assignment a call answers; refused when stale, replayed or not this client's.
-        Raises `_Over` for the round that just closed (a late call of a finished round)."""
+        Raises `RoundOver` for the round that just closed (a late call of a finished round)."""
         cid = session.client_id
         r = self._round
         if r is not None and r.round_num == round_num:
@@ -231,7 +159,7 @@ class Coordinator:
         if c is not None and c.round.round_num == round_num:
             old = c.round.assignments.get(cid)
             if old is not None and secrets.compare_digest(old.nonce, nonce):
-                raise _Over(c.reason)
+                raise RoundOver(c.reason)
         if r is None or r.round_num != round_num:
             current = "none" if r is None else r.round_num
             raise Refusal("stale", f"round {round_num} is not open (open round: {current})")
@@ -239,10 +167,12 @@ class Coordinator:
             raise Refusal("not_selected", f"client {cid!r} is not selected in round {round_num}")
         raise Refusal("replayed", f"wrong nonce for round {round_num}: each task's nonce is accepted once")
 
-    def _open_assignment(self, session: Session, round_num: int, nonce: bytes) -> tuple[_Round, Assignment]:
+    def _open_assignment(
+        self, session: Session, round_num: int, nonce: bytes
+    ) -> tuple[OpenRound, Assignment]:
         try:
             return self._assignment(session, round_num, nonce)
-        except _Over as over:
+        except RoundOver as over:
             raise Refusal("stale", f"round {round_num} is over ({over.reason})") from None
 
     def check_submission(self, session: Session, round_num: int, nonce: bytes) -> Assignment:
@@ -287,7 +217,7 @@ class Coordinator:
             taken = self._deliver(r, ex, a, reply, final=True)
             return taken
 
-    def _deliver(self, r: _Round, ex: _Exchange, a: Assignment, reply: object, *, final: bool) -> bool:
+    def _deliver(self, r: OpenRound, ex: OpenExchange, a: Assignment, reply: object, *, final: bool) -> bool:
         """`reply` into the exchange's sink; a refusal marks the member refused, and is raised on."""
         try:
             taken = ex.exchange.deliver(a.slot, reply)
@@ -328,7 +258,7 @@ class Coordinator:
         with self.condition:
             try:
                 r, a = self._assignment(session, round_num, nonce)
-            except _Over as over:
+            except RoundOver as over:
                 return Done(over.reason)
             if not r.secure:
                 raise Refusal("stale", f"no secure round {round_num} is open")
@@ -356,7 +286,7 @@ class Coordinator:
     ) -> None:
         assignments = {m.client_id: Assignment(m, secrets.token_bytes(NONCE_BYTES)) for m in members}
         with self.condition:
-            self._round = _Round(
+            self._round = OpenRound(
                 round_num, purpose, assignments, {a.slot: a for a in assignments.values()}, deadline
             )
             if purpose == Purpose.TRAIN:
@@ -382,7 +312,7 @@ class Coordinator:
                     if (s := self._by_client.get(r.by_slot[slot].member.client_id)) is not None
                     and now - s.last_seen < self.session_timeout_s
                 }
-            r.exchange = _Exchange(exchange, deadline, expected, opened_at=self.clock())
+            r.exchange = OpenExchange(exchange, deadline, expected, opened_at=self.clock())
             if first:
                 r.first = r.exchange
             self.condition.notify_all()
@@ -424,7 +354,7 @@ class Coordinator:
                 return {}
             self._round = None
             reason = f"the round aborted: {outcome}" if outcome else f"round {r.round_num} is over"
-            self._closed = _Closed(r, reason)
+            self._closed = ClosedRound(r, reason)
             if r.purpose == Purpose.TRAIN:
                 for a in r.assignments.values():
                     if a.status in (SELECTED, SENT):
@@ -435,7 +365,7 @@ class Coordinator:
             self.condition.notify_all()
             return refused
 
-    def _status(self, r: _Round, a: Assignment) -> None:
+    def _status(self, r: OpenRound, a: Assignment) -> None:
         if r.purpose == Purpose.TRAIN:
             self.on_status(r.round_num, a.member.client_id, a.status)
 

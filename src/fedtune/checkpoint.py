@@ -1,0 +1,119 @@
+"""A checkpoint, and how it is kept in the state file: tensors as safetensors, the rest as strict JSON.
+
+On load the adapter blob must hold exactly one 1-D float32 tensor "global", and every JSON part must
+parse; anything else is a corrupt file (StateError), never a pickle. Metrics are strict JSON: NaN and Inf
+are stored as null, numpy and torch numbers as Python ones.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+
+from fedtune.errors import StateError
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    round_num: int  # the last completed round (0 = the initial adapter)
+    global_flat: torch.Tensor  # float32, 1-D
+    optimizer_state: dict[str, torch.Tensor]
+    dp_state: dict[str, Any] | None = None  # ClientLevelDp.state_dict(): JSON-able
+    extra: dict[str, Any] | None = None  # JSON-able, e.g. {"rows_written": 3}
+
+
+Encoded = tuple[bytes, bytes, str | None, str | None]
+
+
+def encode_checkpoint(checkpoint: Checkpoint) -> Encoded:
+    flat = checkpoint.global_flat
+    if flat.dim() != 1 or flat.dtype != torch.float32:
+        raise StateError(
+            f"checkpoint adapter is {flat.dtype} with shape {tuple(flat.shape)}; "
+            "pass the flat float32 adapter"
+        )
+    adapter = save_tensors({"global": _plain(flat)})
+    optimizer = save_tensors({k: _plain(v) for k, v in checkpoint.optimizer_state.items()})
+    return adapter, optimizer, dumps(checkpoint.dp_state, "dp_state"), dumps(checkpoint.extra, "extra")
+
+
+def decode_checkpoint(
+    round_num: int, adapter: object, optimizer: object, dp_state: str | None, extra: str | None, *, where: str
+) -> Checkpoint:
+    corrupt = f"the checkpoint of round {round_num} in {where} is corrupt"
+    fix = "restore the state file from a backup or start a new run.dir"
+    if not isinstance(adapter, bytes) or not isinstance(optimizer, bytes):
+        raise StateError(f"{corrupt} (not a blob): {fix}")
+    try:
+        tensors = load_tensors(adapter)
+        optimizer_state = load_tensors(optimizer)
+    except SafetensorError as err:
+        raise StateError(f"{corrupt} ({err}): {fix}") from err
+    flat = tensors.get("global")
+    if set(tensors) != {"global"} or flat is None or flat.dim() != 1 or flat.dtype != torch.float32:
+        found = {k: (str(v.dtype), tuple(v.shape)) for k, v in tensors.items()}
+        raise StateError(f"{corrupt} (adapter holds {found}, not one 1-D float32 'global'): {fix}")
+    return Checkpoint(
+        round_num=int(round_num),
+        global_flat=flat,
+        optimizer_state=optimizer_state,
+        dp_state=loads(dp_state, f"DP state of round {round_num}"),
+        extra=loads(extra, f"extra state of round {round_num}"),
+    )
+
+
+def _plain(tensor: torch.Tensor) -> torch.Tensor:
+    """A CPU copy with its own storage, as safetensors wants."""
+    return tensor.detach().to("cpu").contiguous().clone()
+
+
+def dumps(value: dict[str, Any] | None, what: str) -> str | None:
+    if value is None:
+        return None
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError) as err:
+        raise StateError(
+            f"checkpoint {what} is not JSON-able ({err}); pass plain numbers, strings, lists"
+        ) from err
+
+
+def loads(text: str | None, what: str) -> Any:
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise StateError(
+            f"the {what} in the state file is corrupt ({err}): restore it or start a new run.dir"
+        ) from err
+
+
+def _json_safe(value: Any) -> Any:
+    """`value` with NaN/Inf floats as None and numpy or torch numbers as Python ones."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    if hasattr(value, "tolist"):  # numpy scalars and arrays, tensors
+        return _json_safe(value.tolist())
+    return value
+
+
+def metrics_json(metrics: Mapping[str, Any]) -> str:
+    try:
+        return json.dumps(_json_safe(metrics), allow_nan=False)
+    except (TypeError, ValueError) as err:
+        raise StateError(
+            f"round metrics are not JSON-able ({err}); report plain numbers and strings"
+        ) from err
