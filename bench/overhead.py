@@ -57,20 +57,23 @@ def overhead(model: str, clients: int, steps: int, repeats: int) -> dict:
             f"federation.num_clients={clients}",
             f"federation.clients_per_round={clients}",
             f"federation.local_steps={steps}",
-            "federation.rounds=10",
-            "eval.every=100",  # round 1 of 10 is not evaluated: the round is training and aggregation only
+            "federation.rounds=100",
+            "eval.every=1000",  # no round is evaluated: a round is training and aggregation only
             "run.dir=bench/out/overhead-run",
         ],
     )
     s = setup(config, Silent(), print)
     adapter, engine = s.local.adapter, s.engine
     global_flat = adapter.get()
-    seeds = [derive_seed(0, "train", 1, i) for i in range(clients)]  # the engine's seeds for round 1
+    round_num = [1]  # each repeat is the next round, with that round's seeds, on both sides
+
+    def seeds() -> list[int]:
+        return [derive_seed(0, "train", round_num[0], i) for i in range(clients)]
 
     def fedtune_round() -> float:
         engine.global_flat = global_flat
         t = time.perf_counter()
-        result = engine.run_round(1)
+        result = engine.run_round(round_num[0])
         assert result.clients == clients and result.eval is None
         return time.perf_counter() - t
 
@@ -84,7 +87,7 @@ def overhead(model: str, clients: int, steps: int, repeats: int) -> dict:
 
     def plain_round() -> float:
         t = time.perf_counter()
-        for client, seed in zip(s.clients, seeds, strict=True):
+        for client, seed in zip(s.clients, seeds(), strict=True):
             set_peft_model_state_dict(peft_model, initial)
             optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
             peft_model.train()
@@ -109,6 +112,7 @@ def overhead(model: str, clients: int, steps: int, repeats: int) -> dict:
             times = fedtune_times if fn is fedtune_round else plain_times
             times.append(fn())
             print(f"  repeat {r}: {fn.__name__} {times[-1]:.2f}s", flush=True)
+        round_num[0] += 1
 
     # The overhead proper, timed on its own: swap in, read delta out, sum, aggregate.
     aggregator = make_aggregator(config.server)

@@ -119,3 +119,42 @@ def running_server(
     finally:
         stop.set()
         thread.join(timeout=30)
+
+
+def evaluate_then_vanish(target: str, site_certs: Path, data: Path) -> None:
+    """A real site (its own participant) that evaluates whatever it is asked to until it is handed a
+    secure training task: it sends its keys and its shares, then nothing more (it crashed mid-round)."""
+    from fedtune.deploy.site import build_site
+    from fedtune.pki import common_name, load_identity
+    from fedtune.round.messages import EvalRequest, SecureTrainRequest
+    from fedtune.secagg import Stage
+    from fedtune.transport import convert
+    from fedtune.transport import secagg_wire as sw
+    from fedtune.transport.channel import Stub, open_channel
+    from fedtune.transport.site_driver import RoundCalls, get_task, join
+
+    client_id = common_name(load_identity(site_certs).cert_pem)
+    stub = Stub(open_channel(target, site_certs))
+    reply = join(stub, client_id, 0)
+    site = build_site(reply.config_toml, data, "text", client_id)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        found = get_task(stub, reply.session, site.adapter_numel)
+        if not isinstance(found, tuple):
+            time.sleep(0.05)
+            continue
+        task, flat = found
+        request = convert.request_from_pb(task, flat, client_id)
+        calls = RoundCalls(stub, reply.session, task, site.chunk_bytes)
+        if isinstance(request, EvalRequest):
+            calls.send(site.participant.respond(request))  # type: ignore[arg-type]
+            continue
+        assert isinstance(request, SecureTrainRequest)
+        calls.call(advertise=sw.advertise_to_pb(site.participant.respond(request)))  # type: ignore[arg-type]
+        keys = calls.poll(Stage.SHARE_KEYS)
+        assert keys is not None, calls.left_out
+        slot = request.member.slot
+        neighbours = sw.neighbour_keys_from_pb(keys.neighbour_keys, request.task.round_num, slot)
+        calls.call(share=sw.share_keys_to_pb(site.participant.respond(neighbours)))  # type: ignore[arg-type]
+        return
+    raise AssertionError("the vanishing site never got its secure task")

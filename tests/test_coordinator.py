@@ -236,3 +236,22 @@ def test_refused_messages_are_counted_per_round(coordinator, clock):
     coordinator.refuse(Refusal("stale", "z"), "b")
     assert coordinator.close_round() == {"malformed": 2, "stale": 1}
     assert coordinator.close_round() == {}
+
+
+def test_an_evaluation_does_not_wait_for_a_client_that_went_silent_in_the_round(coordinator, clock):
+    tokens = {cid: coordinator.join(cid, 10) for cid in CLIENTS}
+    open_training(coordinator, clock, deadline_s=30)
+    offers = {cid: offer(coordinator, t) for cid, t in tokens.items()}
+    for cid in ("a", "b"):
+        assert coordinator.submit(coordinator.session(tokens[cid]), 1, offers[cid].nonce, submission(cid))
+    clock.now += 31  # c never answers: its process died after fetching the task
+    coordinator.close_exchange()
+    coordinator.close_round()
+    ms = members(*CLIENTS)
+    coordinator.open_round(1, Purpose.EVALUATE, ms, clock() + 600)
+    messages = {m.slot: EvalRequest(1, torch.zeros(4), m) for m in ms}
+    coordinator.open_exchange(Exchange(Phase.EVALUATE, messages, lambda s, r: True), clock() + 600)
+    for cid in ("a", "b"):
+        found = offer(coordinator, tokens[cid])
+        coordinator.submit(coordinator.session(tokens[cid]), 1, found.nonce, EvalReport(cid, 1.0, 1))
+    assert coordinator.exchange_done()  # c's session is still within its timeout, but it went silent

@@ -190,7 +190,7 @@ def test_a_client_killed_mid_round_does_not_fail_the_round(tmp_path: Path) -> No
         "federation.local_steps=30",
         "federation.min_clients=2",
         "deploy.round_timeout_s=30",
-        "deploy.eval_timeout_s=10",
+        "deploy.eval_timeout_s=30",  # the victim went silent: it is not waited for
     )
     with deployment(tmp_path, *overrides) as ctx:
         server = start_all(ctx, tmp_path)

@@ -3,11 +3,14 @@
 One server (real gRPC over loopback with mutual TLS, real SQLite state) serves the whole module. Its one
 round stays open while the tests poke it with hand-made protobuf bytes; every site has one role, so the
 tests do not disturb each other:
-- site-a: the submission checks, then one correct update and its replay;
+- site-a: the submission checks (each refused, so its task stays open);
+- site-h: one correct update and its replay;
 - site-b: joins twice while its first session is live;
 - site-c: an update whose payload does not decode (which uses up its task);
 - site-d, site-f, site-g: the fuzzing; site-e: the join that proves the server survived it.
-The last test closes the round and checks the round's `refused_messages` against the recorded events.
+No test depends on another's having run: when the module is done, the fixture answers every task still
+out, so the round closes and the run ends, and checks the round's `refused_messages` against the events
+recorded in SQLite, whichever tests ran.
 TLS refusals happen in the handshake, before any handler runs: they cannot be recorded, and are checked to
 reach no handler.
 """
@@ -37,7 +40,7 @@ from fedtune.transport.channel import Stub, grpc_options, open_channel
 from fedtune.transport.wire import PROTOCOL_VERSION, SERVICE, float32_bytes
 from tests.deploy_fixtures import RunningServer, deploy_config, make_certs, running_server
 
-SITES = ("site-a", "site-b", "site-c", "site-d", "site-e", "site-f", "site-g")
+SITES = ("site-a", "site-b", "site-c", "site-d", "site-e", "site-f", "site-g", "site-h")
 FUZZ_SITES = ("site-d", "site-f", "site-g")  # a task each: a fuzzed update that is taken uses one up
 TIMEOUT_S = 20.0
 GARBAGE = b"\x0a\x7f\x00"  # field 1, length 127, one byte present: no message type parses it
@@ -200,6 +203,7 @@ def fed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
             assert info.value.code() == Code.FAILED_PRECONDITION
             fed.task("site-a")  # the first join opens the round; every site is selected
             yield fed
+            close_the_round_and_check_its_counts(fed)
         finally:
             for channel in fed.channels.values():
                 channel.close()
@@ -359,7 +363,7 @@ def test_an_empty_update_stream_is_refused(fed, raw_channel):
 
 # ---- submissions: site-a holds a task and gets every check wrong once ----------------------------------
 
-A = "site-a"
+A, H = "site-a", "site-h"
 Case = Callable[[Federation], list[bytes]]
 SUBMISSION_CASES: dict[str, tuple[str, grpc.StatusCode, Case]] = {
     "past-round": (
@@ -500,13 +504,13 @@ def test_a_payload_that_does_not_decode_is_refused_and_uses_up_the_task(fed):
 
 
 def test_a_correct_update_is_accepted_once_and_its_replay_refused(fed):
-    sent = [header_chunk(**update_fields(fed, A)), data_chunk(zeros(fed, A))]
+    sent = [header_chunk(**update_fields(fed, H)), data_chunk(zeros(fed, H))]
     before = fed.events()
-    reply = submit(fed.stub(A), sent)
+    reply = submit(fed.stub(H), sent)
     assert reply.accepted and reply.detail == "accepted"
     assert fed.events() == before
-    assert participant_status(fed, A) == "submitted"
-    fed.refused("replayed", Code.FAILED_PRECONDITION, lambda: submit(fed.stub(A), sent))
+    assert participant_status(fed, H) == "submitted"
+    fed.refused("replayed", Code.FAILED_PRECONDITION, lambda: submit(fed.stub(H), sent))
 
 
 def participant_status(fed: Federation, site: str) -> str:
@@ -710,12 +714,12 @@ def test_fuzzed_messages_are_answered_or_refused_and_the_server_stays_up(fed):
     fed.session("site-e")  # a well-formed join still succeeds
 
 
-# ---- the round's metrics (runs last: it closes the round, which ends the run) --------------------------
+# ---- the round's metrics (the fixture's teardown: it closes the round, which ends the run) --------------
 
 
-def test_the_round_counts_every_refused_message(fed):
+def close_the_round_and_check_its_counts(fed: Federation) -> None:
     """Answer every task still out (site-a's with an update, the others' refused by the client), so the
-    round closes and the run ends; its metrics row counts exactly the refusals recorded in SQLite, the one
+    round closes and the run ends; its metrics rows count exactly the refusals recorded in SQLite, the one
     made before the round opened included."""
     (round_1,) = [r for r in fed.store.rounds() if r.round_num == 1]
     waiting = [p.client_id for p in round_1.participants if p.status in ("selected", "sent")]
@@ -744,7 +748,7 @@ def test_the_round_counts_every_refused_message(fed):
     assert before["round"] == 0 and before["eval_clients"] == 1
     assert row["round"] == 1 and row["round_failed"] is None
     assert A in row["client_ids"]
-    assert {"site-c", *(c for c in waiting if c != A)} <= set(row["failed_clients"])
+    assert {c for c in waiting if c != A} <= set(row["failed_clients"])
     if "site-c" not in waiting:  # its payload was refused for not decoding: the reason is kept
         assert row["failures"]["site-c"].startswith("not a version-1 fedtune update payload")
     events = fed.events()

@@ -18,13 +18,17 @@ from safetensors.torch import load_file
 
 from fedtune.deploy.site import run_client
 from fedtune.round.messages import EvalReport
-from fedtune.secagg import SecAggClient, Stage
 from fedtune.transport import fedtune_v2_pb2 as pb
-from fedtune.transport import secagg_wire as sw
 from fedtune.transport.channel import Stub, open_channel
 from fedtune.transport.site_driver import RoundCalls, get_task
 from fedtune.transport.wire import PROTOCOL_VERSION
-from tests.deploy_fixtures import deploy_config, make_certs, make_site_data, running_server
+from tests.deploy_fixtures import (
+    deploy_config,
+    evaluate_then_vanish,
+    make_certs,
+    make_site_data,
+    running_server,
+)
 
 SITES4 = ("site-a", "site-b", "site-c", "site-d")
 
@@ -53,40 +57,13 @@ def _run(
         for t in threads:
             t.start()
         if vanish is not None:
-            _share_keys_then_vanish(server.target, certs / "clients" / vanish)
+            evaluate_then_vanish(server.target, certs / "clients" / vanish, data[vanish])
         server.thread.join(timeout=240)
         assert "result" in server.result, server.result.get("error")
         for t in threads:
             t.join(timeout=60)
     assert not errors, errors
     return server.trained()
-
-
-def _share_keys_then_vanish(target: str, site_certs: Path) -> None:
-    """A real client up to stage 1 (keys advertised, shares sent), then nothing: it crashed mid-round."""
-    stub = Stub(open_channel(target, site_certs))
-    join = pb.JoinRequest(protocol_version=PROTOCOL_VERSION, num_examples=10)
-    session = pb.JoinReply.FromString(stub.join(join.SerializeToString(), timeout=30)).session
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        found = get_task(stub, session, 3584)
-        if isinstance(found, tuple):
-            task, _ = found
-            calls = RoundCalls(stub, session, task, 1 << 20)
-            if task.kind == pb.TASK_EVALUATE:  # round 0's evaluation: this client does not answer it
-                time.sleep(0.05)
-                continue
-            assert task.HasField("secagg")
-            client = SecAggClient(sw.params_from_pb(task.secagg, int(task.round)), int(task.secagg.slot))
-            calls.call(advertise=sw.advertise_to_pb(client.advertise_keys()))
-            reply = calls.poll(Stage.SHARE_KEYS)
-            assert reply is not None, calls.left_out
-            keys = sw.neighbour_keys_from_pb(reply.neighbour_keys, int(task.round), int(task.secagg.slot))
-            calls.call(share=sw.share_keys_to_pb(client.share_keys(keys)))
-            assert calls.poll(Stage.MASKED_INPUT) is not None, calls.left_out
-            return
-        time.sleep(0.05)
-    raise AssertionError("the vanishing client never got a task")
 
 
 def test_secure_deployment_matches_the_plaintext_one_within_the_encoding_step(tmp_path: Path) -> None:
@@ -115,7 +92,6 @@ def test_a_client_that_vanishes_after_sharing_keys_is_recovered(tmp_path: Path) 
         "secure_aggregation.enabled=true",
         "federation.min_clients=3",
         "deploy.round_timeout_s=8",
-        "deploy.eval_timeout_s=8",
         vanish="site-d",
     )
     (row,) = rows

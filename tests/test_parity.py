@@ -13,7 +13,6 @@ deterministic: their privacy accounting.
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -23,18 +22,19 @@ import torch
 from safetensors.torch import load_file
 
 from fedtune.config import Config
-from fedtune.deploy.site import build_site, run_client
+from fedtune.deploy.site import run_client
 from fedtune.round.inprocess import ExplicitDropouts
-from fedtune.round.messages import EvalRequest, SecureTrainRequest
 from fedtune.round.plan import DpRandomness
 from fedtune.rundir import RunDir
 from fedtune.secagg import Stage
 from fedtune.simulation import simulate
-from fedtune.transport import convert
-from fedtune.transport import secagg_wire as sw
-from fedtune.transport.channel import Stub, open_channel
-from fedtune.transport.site_driver import RoundCalls, get_task, join
-from tests.deploy_fixtures import deploy_config, make_certs, make_site_data, running_server
+from tests.deploy_fixtures import (
+    deploy_config,
+    evaluate_then_vanish,
+    make_certs,
+    make_site_data,
+    running_server,
+)
 
 pytestmark = pytest.mark.slow
 SITES = ("site-a", "site-b", "site-c", "site-d")
@@ -96,7 +96,7 @@ def deployed(
         for t in threads:
             t.start()
         if vanish is not None:
-            _evaluate_then_vanish(
+            evaluate_then_vanish(
                 server.target, certs / "clients" / vanish, root / "sites" / f"{vanish}.jsonl"
             )
         server.thread.join(timeout=300)
@@ -106,35 +106,6 @@ def deployed(
     assert not errors, errors
     run_dir = config.run.resolved_dir
     return RunDir(run_dir).read_metrics(), load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
-
-
-def _evaluate_then_vanish(target: str, site_certs: Path, data: Path) -> None:
-    """A real site (its own participant) that evaluates whatever it is asked to until it is handed a
-    secure training task: it sends its keys and its shares, then nothing more (it crashed mid-round)."""
-    stub = Stub(open_channel(target, site_certs))
-    reply = join(stub, "site-d", 0)
-    site = build_site(reply.config_toml, data, "text", "site-d")
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        found = get_task(stub, reply.session, site.adapter_numel)
-        if not isinstance(found, tuple):
-            time.sleep(0.05)
-            continue
-        task, flat = found
-        request = convert.request_from_pb(task, flat, "site-d")
-        calls = RoundCalls(stub, reply.session, task, site.chunk_bytes)
-        if isinstance(request, EvalRequest):
-            calls.send(site.participant.respond(request))  # type: ignore[arg-type]
-            continue
-        assert isinstance(request, SecureTrainRequest)
-        calls.call(advertise=sw.advertise_to_pb(site.participant.respond(request)))  # type: ignore[arg-type]
-        keys = calls.poll(Stage.SHARE_KEYS)
-        assert keys is not None, calls.left_out
-        slot = request.member.slot
-        neighbours = sw.neighbour_keys_from_pb(keys.neighbour_keys, request.task.round_num, slot)
-        calls.call(share=sw.share_keys_to_pb(site.participant.respond(neighbours)))  # type: ignore[arg-type]
-        return
-    raise AssertionError("the vanishing site never got its secure task")
 
 
 def same_rows(sim: list[dict], dep: list[dict]) -> None:
@@ -172,7 +143,6 @@ def test_secure_aggregation_with_a_client_that_vanishes_after_sharing_keys(tmp_p
         "secure_aggregation.clip_range=1.0",
         "secure_aggregation.bits=20",
         "deploy.round_timeout_s=8",
-        "deploy.eval_timeout_s=8",
     )
     sim_rows, sim_adapter = simulated(config, dropouts=ExplicitDropouts({(1, "site-d"): Stage.MASKED_INPUT}))
     dep_rows, dep_adapter = deployed(config, vanish="site-d")

@@ -75,6 +75,7 @@ class Coordinator:
         self._by_client: dict[str, Session] = {}
         self._round: OpenRound | None = None
         self._closed: ClosedRound | None = None  # the last closed round, and why it ended
+        self._silent: dict[str, float] = {}  # client -> when a training round closed without its answer
         self._done_reason: str | None = None
         self._refusals: Counter[str] = Counter()
 
@@ -304,14 +305,8 @@ class Coordinator:
             if first:  # the round's first messages are what clients fetch as their task
                 r.tasks = dict(exchange.messages)
                 r.secure = any(isinstance(m, SecureTrainRequest) for m in r.tasks.values())
-            if r.purpose == Purpose.EVALUATE:  # do not wait for clients that are away
-                now = self.clock()
-                expected = {
-                    slot
-                    for slot in expected
-                    if (s := self._by_client.get(r.by_slot[slot].member.client_id)) is not None
-                    and now - s.last_seen < self.session_timeout_s
-                }
+            if r.purpose == Purpose.EVALUATE:  # wait only for clients that are here
+                expected = {slot for slot in expected if self._present(r.by_slot[slot].member.client_id)}
             r.exchange = OpenExchange(exchange, deadline, expected, opened_at=self.clock())
             if first:
                 r.first = r.exchange
@@ -356,14 +351,24 @@ class Coordinator:
             reason = f"the round aborted: {outcome}" if outcome else f"round {r.round_num} is over"
             self._closed = ClosedRound(r, reason)
             if r.purpose == Purpose.TRAIN:
+                now = self.clock()
                 for a in r.assignments.values():
                     if a.status in (SELECTED, SENT):
                         a.status = STRAGGLER
+                        self._silent[a.member.client_id] = now
                         self._status(r, a)
             refused = dict(self._refusals)
             self._refusals.clear()  # the next round counts from here, its wait for clients included
             self.condition.notify_all()
             return refused
+
+    def _present(self, client_id: str) -> bool:
+        """Live, and not silent since a training round it never answered (crashed, most likely)."""
+        session = self._by_client.get(client_id)
+        if session is None or self.clock() - session.last_seen >= self.session_timeout_s:
+            return False
+        silent_since = self._silent.get(client_id)
+        return silent_since is None or session.last_seen > silent_since
 
     def _status(self, r: OpenRound, a: Assignment) -> None:
         if r.purpose == Purpose.TRAIN:
