@@ -150,6 +150,19 @@ def test_inconsistent_headers_are_refused(name, fmt, offset, value, match):
         decode(data, D)
 
 
+def test_a_block_size_beyond_the_vector_decodes_as_one_block_without_allocating_it():
+    """A payload may claim any block size; one as long as the vector or longer is one block. The decoder
+    once padded the codes to the claimed block size: a client's 2^31 made the server allocate 10 GB."""
+    q = compress(
+        torch.linspace(-1, 1, 40),
+        CompressionSpec("quantize", bits=8, block_size=64),
+        generator=torch.Generator(),
+    )
+    honest = decode(to_bytes(q, entropy_coding=False), 40)
+    claimed = _patched(to_bytes(q, entropy_coding=False), "<I", 20, 2**31)  # the header's block size
+    assert torch.equal(decode(claimed, 40), honest)
+
+
 def test_non_finite_values_and_bad_scales_are_refused():
     values = np.array([1.0, np.nan, 0.0], np.float32)
     with pytest.raises(PayloadError, match="non-finite"):

@@ -6,9 +6,12 @@ Both then wrap it in the round engine's `Participant`, so a client trains the sa
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from fedtune.config import Config
 from fedtune.model.adapter import FlatAdapter, attach_lora
@@ -47,3 +50,16 @@ def make_trainer(config: Config, local: LocalModel) -> Trainer:
         os_entropy_generator(),
         os_entropy_generator(),
     )
+
+
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """`run.threads` torch threads for the duration (None: torch's choice), restored after: a run called
+    from Python leaves the caller's thread count as it found it."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -16,13 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-import torch
-
 from fedtune.aggregate import AggregationRule, ServerOptimizer, make_aggregator
 from fedtune.config import Config
 from fedtune.config.plan import participant_spec, resolve
 from fedtune.data import ClientData, load_clients
-from fedtune.local import load_model, make_trainer, tokenizer_for
+from fedtune.local import load_model, make_trainer, tokenizer_for, torch_threads
 from fedtune.model.adapter import save_adapter
 from fedtune.round.engine import RoundEngine
 from fedtune.round.inprocess import Dropouts, InProcessTransport, SeededDropouts
@@ -99,8 +97,6 @@ def setup(
 ) -> Setup:
     """Load the data (bad input is refused before the model loads), the model, resolve the run's plan,
     and build the engine; writes the run directory's config.toml."""
-    if config.run.threads is not None:
-        torch.set_num_threads(config.run.threads)
     seed = config.run.seed
     model_dir, tokenizer = tokenizer_for(config, notify)
     clients = load_clients(
@@ -161,7 +157,19 @@ def simulate(
     `rule` and `server_opt` replace `[server]`'s (a user's own aggregation, see `AggregationRule`);
     `dropouts` replaces the seeded secure-aggregation dropouts; `dp_randomness` the OS generators of
     client-level DP (tests only: a seeded one breaks the guarantee)."""
-    observer = observer or Silent()
+    with torch_threads(config.run.threads):
+        return _simulate(config, observer or Silent(), notify, rule, server_opt, dropouts, dp_randomness)
+
+
+def _simulate(
+    config: Config,
+    observer: Observer,
+    notify: Callable[[str], None],
+    rule: AggregationRule | None,
+    server_opt: ServerOptimizer | None,
+    dropouts: Dropouts | None,
+    dp_randomness: DpRandomness | None,
+) -> RunResult:
     started = time.perf_counter()
     s = setup(
         config,

@@ -110,7 +110,8 @@ def dequantize(q: Quantized) -> torch.Tensor:
     if q.numel == 0:
         return torch.empty(0)
     codes = torch.from_numpy(unpack_codes(q.codes, q.bits, q.numel))
-    size = q.numel if q.block_size is None else q.block_size
+    # a block as long as the vector or longer is one block: never pad to a length the payload only claims
+    size = q.numel if q.block_size is None else min(q.block_size, q.numel)
     pad = -q.numel % size
     if pad:
         codes = torch.cat([codes, codes.new_zeros(pad)])

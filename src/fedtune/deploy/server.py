@@ -28,7 +28,7 @@ from fedtune.aggregate import AggregationRule, ServerOptimizer, make_aggregator
 from fedtune.config import Config, check, load_config_text, to_toml
 from fedtune.config.plan import resolve
 from fedtune.errors import StateError
-from fedtune.local import load_model, tokenizer_for
+from fedtune.local import load_model, tokenizer_for, torch_threads
 from fedtune.model.adapter import save_adapter
 from fedtune.round.engine import RoundEngine
 from fedtune.round.plan import DpRandomness
@@ -79,17 +79,18 @@ def serve(
     store = Store(config.run.resolved_dir / STATE_FILE)
     try:
         config = _config_for(config, store, resume)
-        return _Server(config, store, notify).run(
-            resume=resume,
-            insecure=insecure,
-            on_round=on_round,
-            stop=stop or threading.Event(),
-            bound_port=bound_port,
-            rule=rule,
-            server_opt=server_opt,
-            dp_randomness=dp_randomness,
-            started=started,
-        )
+        with torch_threads(config.run.threads):
+            return _Server(config, store, notify).run(
+                resume=resume,
+                insecure=insecure,
+                on_round=on_round,
+                stop=stop or threading.Event(),
+                bound_port=bound_port,
+                rule=rule,
+                server_opt=server_opt,
+                dp_randomness=dp_randomness,
+                started=started,
+            )
     finally:
         store.close()
 
@@ -160,10 +161,6 @@ class _Server:
         started: float,
     ) -> ServerResult:
         config, store, dep = self.config, self.store, self.config.deploy
-        if config.run.threads is not None:
-            import torch
-
-            torch.set_num_threads(config.run.threads)
         population = sorted(dep.clients)
         model_dir, tokenizer = tokenizer_for(config, self.notify)
         local = load_model(config, model_dir, tokenizer.pad_token_id)
