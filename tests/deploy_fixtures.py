@@ -136,7 +136,9 @@ def evaluate_then_vanish(target: str, site_certs: Path, data: Path) -> None:
     client_id = common_name(load_identity(site_certs).cert_pem)
     stub = Stub(open_channel(target, site_certs))
     reply = join(stub, client_id, 0)
-    site = build_site(reply.config_toml, data, "text", client_id)
+    from fedtune.config import load_config_text
+
+    site = build_site(load_config_text(reply.config_toml), data, "text", client_id)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         found = get_task(stub, reply.session, site.adapter_numel)

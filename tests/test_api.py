@@ -17,7 +17,10 @@ def norm_bounded_mean(deltas: torch.Tensor, weights: torch.Tensor) -> torch.Tens
 
 
 def test_a_users_own_rule_runs_through_the_engine(tmp_path):
-    config = fedtune.load_config(None, [*SMALL, "federation.rounds=2", f"run.dir={tmp_path}"])
+    config = fedtune.load_config(
+        None, [*SMALL, "federation.rounds=2", "run.threads=1", f"run.dir={tmp_path}"]
+    )
+    threads = torch.get_num_threads()
     seen: list[int] = []
 
     def rule(deltas: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -25,6 +28,7 @@ def test_a_users_own_rule_runs_through_the_engine(tmp_path):
         return norm_bounded_mean(deltas, weights)
 
     result = fedtune.simulate(config, rule=rule)
+    assert torch.get_num_threads() == threads  # run.threads held for the run only, the caller's restored
     assert seen == [3, 3]  # called once a round, with every update of the round
     assert [r.round_num for r in result.rounds] == [0, 1, 2]
     assert result.after.loss < result.before.loss

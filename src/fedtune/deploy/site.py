@@ -10,15 +10,14 @@ what the server sends through `transport.site_driver`.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 
-import torch
-
-from fedtune.config import load_config_text
+from fedtune.config import Config, load_config_text
 from fedtune.config.plan import participant_spec
 from fedtune.data import load_site
 from fedtune.errors import DataError
-from fedtune.local import load_model, make_trainer, tokenizer_for
+from fedtune.local import load_model, make_trainer, tokenizer_for, torch_threads
 from fedtune.privacy.noise import os_entropy_rng
 from fedtune.round.participant import Participant
 from fedtune.round.state import ClientStateStore
@@ -26,12 +25,9 @@ from fedtune.transport.channel import Stub, open_channel
 from fedtune.transport.site_driver import ClientError, ClientResult, SiteRun, take_part
 
 
-def build_site(config_toml: str, data_path: Path, text_field: str, client_id: str) -> SiteRun:
+def build_site(config: Config, data_path: Path, text_field: str, client_id: str) -> SiteRun:
     """What the site builds once it knows the run: its data first (a bad file fails before the model
     loads), then the model, the trainer and the participant."""
-    config = load_config_text(config_toml, "the server's config")
-    if config.run.threads is not None:
-        torch.set_num_threads(config.run.threads)
     model_dir, tokenizer = tokenizer_for(config)
     data = load_site(data_path, config.data, client_id, tokenizer, config.run.seed, text_field)
     local = load_model(config, model_dir, tokenizer.pad_token_id)
@@ -68,10 +64,11 @@ def run_client(
         raise DataError(f"--data {str(data_path)!r} not found; pass the site's .jsonl, .csv or .parquet file")
     stub = Stub(open_channel(server, certs))
     cid = client_id
-    return take_part(
-        stub,
-        cid,
-        lambda config_toml: build_site(config_toml, data_path, text_field, cid),
-        give_up_after_s=give_up_after_s,
-        notify=notify,
-    )
+    with ExitStack() as threads:  # the run's torch threads while the site takes part, restored after
+
+        def build(config_toml: str) -> SiteRun:
+            config = load_config_text(config_toml, "the server's config")
+            threads.enter_context(torch_threads(config.run.threads))
+            return build_site(config, data_path, text_field, cid)
+
+        return take_part(stub, cid, build, give_up_after_s=give_up_after_s, notify=notify)
