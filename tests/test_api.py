@@ -18,7 +18,7 @@ def norm_bounded_mean(deltas: torch.Tensor, weights: torch.Tensor) -> torch.Tens
 
 def test_a_users_own_rule_runs_through_the_engine(tmp_path):
     config = fedtune.load_config(
-        None, [*SMALL, "federation.rounds=2", "run.threads=1", f"run.dir={tmp_path}"]
+        None, [*SMALL, "federation.rounds=1", "run.threads=1", f"run.dir={tmp_path}"]
     )
     threads = torch.get_num_threads()
     seen: list[int] = []
@@ -29,8 +29,8 @@ def test_a_users_own_rule_runs_through_the_engine(tmp_path):
 
     result = fedtune.simulate(config, rule=rule)
     assert torch.get_num_threads() == threads  # run.threads held for the run only, the caller's restored
-    assert seen == [3, 3]  # called once a round, with every update of the round
-    assert [r.round_num for r in result.rounds] == [0, 1, 2]
+    assert seen == [3]  # called once a round, with every update of the round
+    assert [r.round_num for r in result.rounds] == [0, 1]
     assert result.after.loss < result.before.loss
     plain = fedtune.simulate(
         config.model_copy(update={"run": config.run.model_copy(update={"dir": tmp_path / "p"})})
