@@ -177,6 +177,17 @@ def test_non_finite_values_and_bad_scales_are_refused():
             parse(bytes(bad), D)
 
 
+def test_rescaled_values_that_would_overflow_float32_are_refused():
+    """Found by the fuzz test below: a finite value near float32's maximum, times random-k's d/k, is inf."""
+    p = payload_of("randomk-rescaled")
+    big = p.values.copy()
+    big[0] = np.float32(1e38)  # finite, but x (D / k) = x 10 is not
+    with pytest.raises(PayloadError, match="overflow"):
+        decode(to_bytes(Payload(p.method, D, big, None, p.seed, p.rescale)), D)
+    big[0] = np.float32(1e36)  # x 10 still fits: decoded as sent
+    assert torch.isfinite(decode(to_bytes(Payload(p.method, D, big, None, p.seed, p.rescale)), D)).all()
+
+
 def test_randomk_from_another_seed_is_refused():
     data = to_bytes(payload_of("randomk-f32"))
     with pytest.raises(PayloadError, match="seed"):

@@ -38,6 +38,7 @@ HEADER = _HEADER.size
 NO_SEED = bytes(SEED_BYTES)
 _RESCALED = 1
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
+_DECODABLE_MAX = _FLOAT32_MAX * (1 - 2**-20)  # a margin for float32 rounding of the rescale factor
 
 
 class Method(IntEnum):
@@ -174,12 +175,13 @@ def parse(data: bytes | memoryview, numel: int) -> Payload:
             indices = decode_indices(index_raw, h.count, h.width, numel)
         except ValueError as exc:
             raise PayloadError(f"bad top-k indices: {exc}") from None
+    rescale = numel / h.count if h.rescale and h.count else 1.0  # what `to_dense` multiplies by
     values: np.ndarray | Quantized
     if h.fmt == ValueFormat.QUANTIZED:
         scales = np.frombuffer(scale_raw, "<f4").reshape(-1, 2)
         lo, step = scales[:, 0].astype(np.float32), scales[:, 1].astype(np.float32)
         top = np.abs(lo.astype(np.float64)) + (2**h.bits - 1) * step.astype(np.float64)
-        if not (np.isfinite(lo).all() and (step >= 0).all() and (top <= _FLOAT32_MAX).all()):
+        if not (np.isfinite(lo).all() and (step >= 0).all() and (top * rescale <= _DECODABLE_MAX).all()):
             raise PayloadError(
                 "quantization scales must be finite with steps >= 0, and decode to finite values"
             )
@@ -189,6 +191,8 @@ def parse(data: bytes | memoryview, numel: int) -> Payload:
         values = np.frombuffer(value_raw, _FLOAT_DTYPES[h.fmt]).copy()
         if not np.isfinite(values).all():
             raise PayloadError("the payload has non-finite values")
+        if values.size and float(np.abs(values).max()) * rescale > _DECODABLE_MAX:
+            raise PayloadError("the payload's values overflow float32 once rescaled")
     return Payload(h.method, numel, values, indices, h.seed, h.rescale)
 
 
