@@ -43,11 +43,12 @@ def _quiet_libraries() -> None:
 def run(config: ConfigArg = None, set_: SetOption = None) -> None:
     """Run one federated fine-tuning job in simulation and write runs/<name>/."""
     from fedtune.config import load_config
+
+    cfg = load_config(config, set_ or [])  # a bad config stops here, before torch's libraries load
+    _quiet_libraries()
     from fedtune.progress import RichObserver
     from fedtune.simulation import simulate
 
-    cfg = load_config(config, set_ or [])
-    _quiet_libraries()
     with RichObserver(console) as observer:
         result = simulate(cfg, observer, notify=lambda msg: console.print(f"[dim]{msg}[/dim]"))
     change = (result.after.perplexity / result.before.perplexity - 1) * 100
@@ -148,12 +149,13 @@ def server(
 ) -> None:
     """Coordinate a deployed run: serve gRPC with mutual TLS, run the rounds, keep state in run.dir."""
     from fedtune.config import load_config
+
+    cfg = load_config(config, set_ or [])
+    _quiet_libraries()
     from fedtune.deploy.server import serve
     from fedtune.progress import round_line
     from fedtune.round.results import RoundResult
 
-    cfg = load_config(config, set_ or [])
-    _quiet_libraries()
     _log_to_stderr()
 
     def show(result: RoundResult) -> None:
