@@ -11,6 +11,7 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # before gRPC loads: its handshake notes are not test output
 
 
 _OWN_CACHE: str | None = None

@@ -109,10 +109,10 @@ def deployment(tmp: Path, *overrides: str, run: str = "run") -> Iterator[dict]:
             p.wait(timeout=30)
 
 
-def start_all(ctx: dict, tmp: Path) -> subprocess.Popen:
-    server = start_server(ctx["config"], tmp / "server.log")
+def start_all(ctx: dict, tmp: Path, *server_args: str, log: str = "server.log") -> subprocess.Popen:
+    server = start_server(ctx["config"], tmp / log, *server_args)
     ctx["procs"].append(server)
-    ctx["port"] = bound_port(tmp / "server.log", server)
+    ctx["port"] = bound_port(tmp / log, server)
     for site in SITES:
         ctx["procs"].append(
             start_client(ctx["port"], ctx["data"][site], ctx["certs"] / "clients" / site, tmp / f"{site}.log")

@@ -5,13 +5,16 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
 from fedtune.errors import FedtuneError
+
+if TYPE_CHECKING:
+    from fedtune.transport.handshake_log import HandshakeLogTap
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console()
@@ -146,11 +149,22 @@ def server(
     unsafe_insecure: Annotated[
         bool, typer.Option("--unsafe-insecure", help="Plaintext, no client certificates: tests only.")
     ] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", help="Show gRPC's own log.")] = False,
 ) -> None:
     """Coordinate a deployed run: serve gRPC with mutual TLS, run the rounds, keep state in run.dir."""
+    from fedtune.transport.handshake_log import HandshakeLogTap, enable_trace
+
+    enable_trace(os.environ)  # before gRPC loads: refused handshakes are in its log, which the tap reads
+    with HandshakeLogTap(verbose=verbose) as handshakes:
+        _serve(config, set_ or [], resume=resume, insecure=unsafe_insecure, handshakes=handshakes)
+
+
+def _serve(
+    config: Path | None, set_: list[str], *, resume: bool, insecure: bool, handshakes: HandshakeLogTap
+) -> None:
     from fedtune.config import load_config
 
-    cfg = load_config(config, set_ or [])
+    cfg = load_config(config, set_)
     _quiet_libraries()
     from fedtune.deploy.server import serve
     from fedtune.progress import round_line
@@ -164,9 +178,10 @@ def server(
     result = serve(
         cfg,
         resume=resume,
-        insecure=unsafe_insecure,
+        insecure=insecure,
         notify=lambda msg: console.print(f"[dim]{escape(msg)}[/dim]"),
         on_round=show,
+        handshakes=handshakes,
     )
     if result.complete:
         console.print(f"[bold green]done[/] in {result.seconds:.0f}s: adapter {result.run_dir / 'adapter'}")
@@ -189,9 +204,9 @@ def client(
     client_id: Annotated[
         str | None, typer.Option("--client-id", help="With --unsafe-insecure only: this client's id.")
     ] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", help="Show gRPC's own log and retries.")] = False,
 ) -> None:
     """Take part in a deployed run: connect out to --server, train on --data when selected."""
-    from fedtune.deploy.site import run_client
     from fedtune.errors import ConfigError
 
     if unsafe_insecure == (certs is not None):
@@ -200,17 +215,23 @@ def client(
         raise ConfigError(
             "--client-id is for --unsafe-insecure; with --certs the certificate names the client"
         )
+    _grpc_log(verbose)
+    from fedtune.deploy.site import run_client
+    from fedtune.progress import SiteDisplay
+
     _quiet_libraries()
-    _log_to_stderr()
-    result = run_client(
-        server,
-        data,
-        certs=certs,
-        client_id=client_id,
-        text_field=text_field,
-        give_up_after_s=give_up_after,
-        notify=lambda msg: console.print(msg, highlight=False, markup=False),
-    )
+    _log_to_stderr(verbose)
+    with SiteDisplay(console) as display:
+        result = run_client(
+            server,
+            data,
+            certs=certs,
+            client_id=client_id,
+            text_field=text_field,
+            give_up_after_s=give_up_after,
+            notify=display.line,
+            show=display.show,
+        )
     console.print(f"done: trained in {result.rounds_trained} rounds; {result.reason}")
 
 
@@ -225,20 +246,30 @@ def status(
     from fedtune.deploy.server import STATE_FILE
     from fedtune.errors import StateError
     from fedtune.status import status_lines
-    from fedtune.store import Store
+    from fedtune.store import REFUSED_EVENT_PREFIX, Store
 
     path = run_dir / STATE_FILE
     if not path.is_file():
         raise StateError(f"no {STATE_FILE} in {run_dir}; pass the run directory of a `fedtune server` run")
     with Store(path) as store:
-        lines = status_lines(store.rounds(), store.event_counts(), last=rounds)
-    console.print("\n".join(lines), highlight=False, markup=False)
+        refusals = store.latest_events(REFUSED_EVENT_PREFIX, last=10)
+        lines = status_lines(store.rounds(), store.event_counts(), last=rounds, refusals=refusals)
+    console.print("\n".join(lines), highlight=False, markup=False, soft_wrap=True)
 
 
-def _log_to_stderr() -> None:
+def _grpc_log(verbose: bool) -> None:
+    """gRPC's own log (read once, when grpc is first imported): its lines reach the terminal only with
+    --verbose; fedtune says in its own words what went wrong."""
+    os.environ.setdefault("GRPC_VERBOSITY", "INFO" if verbose else "NONE")
+
+
+def _log_to_stderr(verbose: bool = False) -> None:
     import logging
 
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
 
 
 def main() -> None:

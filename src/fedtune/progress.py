@@ -86,3 +86,34 @@ class RichObserver:
         client = self.client_id if len(self.client_id) <= 28 else self.client_id[:25] + "..."
         text = f"round {self.round_num}/{self.rounds} · {client}"
         return text + (f" · loss {loss:.3f}" if loss is not None else "")
+
+
+class SiteDisplay:
+    """What `fedtune client` is doing now: a rich status line on a terminal, a plain line per change
+    otherwise (a log file gets each state once, not every poll)."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self._status = console.status("starting") if console.is_terminal else None
+        self._last: str | None = None
+
+    def __enter__(self) -> SiteDisplay:
+        if self._status is not None:
+            self._status.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        if self._status is not None:
+            self._status.stop()
+
+    def show(self, state: str) -> None:
+        if state == self._last:
+            return
+        self._last = state
+        if self._status is not None:
+            self._status.update(state)
+        else:
+            self.console.print(state, highlight=False, markup=False)
+
+    def line(self, message: str) -> None:
+        self.console.print(message, highlight=False, markup=False)

@@ -79,9 +79,10 @@ class RunDir:
         with self.metrics_file.open("a") as f:
             f.write(json.dumps(_json_safe(row)) + "\n")
 
-    def rewrite(self, rows: Sequence[dict[str, Any]]) -> None:
-        """Replace metrics.jsonl with `rows` (a resumed deployment, from its state file)."""
+    def rewrite(self, config: Config, rows: Sequence[dict[str, Any]]) -> None:
+        """Replace config.toml and metrics.jsonl (a resumed deployment's, from its state file)."""
         self.path.mkdir(parents=True, exist_ok=True)
+        (self.path / "config.toml").write_text(to_toml(config))
         self.metrics_file.write_text("")
         for row in rows:
             self.append_row(row)

@@ -2,19 +2,36 @@
 
 from __future__ import annotations
 
-from fedtune.store import REFUSED_EVENT_PREFIX, SUBMITTED_STATUS, WAITING_STATUSES, Participant, RoundRecord
+import time
+
+from fedtune.store import (
+    REFUSED_EVENT_PREFIX,
+    SUBMITTED_STATUS,
+    WAITING_STATUSES,
+    Event,
+    Participant,
+    RoundRecord,
+)
 
 
-def status_lines(records: list[RoundRecord], events: dict[str, int], *, last: int = 5) -> list[str]:
-    """Plain-text lines describing the run: a summary, the latest `last` rounds, and refused messages."""
+def status_lines(
+    records: list[RoundRecord],
+    events: dict[str, int],
+    *,
+    last: int = 5,
+    refusals: list[Event] | None = None,
+) -> list[str]:
+    """Plain-text lines describing the run: a summary, the latest `last` rounds, the refused messages
+    and connections by kind, and the latest `refusals` with their reasons."""
+    tail = [*_event_lines(events), *_refusal_lines(refusals or [])]
     if not records:
-        return ["no rounds yet", *_event_lines(events)]
+        return ["no rounds yet", *tail]
     done = sum(r.status == "done" for r in records)
     failed = sum(r.status == "failed" for r in records)
     is_open = sum(r.status == "open" for r in records)
     lines = [f"rounds: {done} done, {failed} failed, {is_open} open (latest {records[-1].round_num})"]
     lines += [_round_line(r) for r in records[-last:]]
-    return lines + _event_lines(events)
+    return lines + tail
 
 
 def _round_line(record: RoundRecord) -> str:
@@ -50,3 +67,14 @@ def _event_lines(events: dict[str, int]) -> list[str]:
     if refused:
         line += " (" + ", ".join(f"{k} {n}" for k, n in refused.items()) + ")"
     return [line]
+
+
+def _refusal_lines(refusals: list[Event]) -> list[str]:
+    if not refusals:
+        return []
+    lines = ["latest refusals:"]
+    for e in refusals:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.at))
+        who = f" {e.client_id}" if e.client_id else ""
+        lines.append(f"  {when}{who} {e.kind.removeprefix(REFUSED_EVENT_PREFIX + '_')}: {e.detail}")
+    return lines

@@ -81,6 +81,15 @@ class Participant:
 
 
 @dataclass(frozen=True)
+class Event:
+    at: float  # Unix time
+    round_num: int | None
+    client_id: str | None
+    kind: str
+    detail: str
+
+
+@dataclass(frozen=True)
 class RoundRecord:
     round_num: int
     status: str
@@ -187,6 +196,11 @@ class Store:
             conn.execute(
                 "INSERT INTO run (id, config_toml, created_at) VALUES (1, ?, ?)", (config_toml, time.time())
             )
+
+    def replace_run_config(self, config_toml: str) -> None:
+        """The stored run's config, after `--resume` changed what a resumed run may change."""
+        with self._write() as conn:
+            conn.execute("UPDATE run SET config_toml = ? WHERE id = 1", (config_toml,))
 
     def run_config(self) -> str | None:
         with self._read() as conn:
@@ -297,6 +311,16 @@ class Store:
                 "INSERT INTO events (at, round, client_id, kind, detail) VALUES (?, ?, ?, ?, ?)",
                 (time.time(), round_num, client_id, kind, detail),
             )
+
+    def latest_events(self, kind_prefix: str, last: int) -> list[Event]:
+        """The `last` events whose kind starts with `kind_prefix`, oldest first."""
+        with self._read() as conn:
+            rows = conn.execute(
+                "SELECT at, round, client_id, kind, detail FROM events WHERE kind LIKE ? || '%' "
+                "ORDER BY id DESC LIMIT ?",
+                (kind_prefix, last),
+            ).fetchall()
+        return [Event(float(a), r, c, str(k), str(d)) for a, r, c, k, d in reversed(rows)]
 
     def event_counts(self, round_num: int | None = None) -> dict[str, int]:
         """Event kind -> count, for one round or (None) the whole run."""

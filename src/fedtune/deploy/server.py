@@ -27,7 +27,8 @@ import grpc
 from fedtune.aggregate import AggregationRule, ServerOptimizer, make_aggregator
 from fedtune.config import Config, check, load_config_text, to_toml
 from fedtune.config.plan import resolve
-from fedtune.errors import StateError
+from fedtune.deploy.resume import changes, resumed_config
+from fedtune.errors import Refusal, StateError
 from fedtune.local import load_model, tokenizer_for, torch_threads
 from fedtune.model.adapter import save_adapter
 from fedtune.round.engine import RoundEngine
@@ -39,6 +40,7 @@ from fedtune.store import REFUSED_EVENT_PREFIX, Checkpoint, Store
 from fedtune.transport.channel import grpc_options
 from fedtune.transport.coordinator import Coordinator
 from fedtune.transport.grpc_transport import GrpcTransport
+from fedtune.transport.handshake_log import HandshakeFailure, HandshakeLogTap
 from fedtune.transport.service import FederationService
 from fedtune.transport.tls import server_credentials, warn_insecure
 
@@ -68,19 +70,27 @@ def serve(
     rule: AggregationRule | None = None,
     server_opt: ServerOptimizer | None = None,
     dp_randomness: DpRandomness | None = None,
+    handshakes: HandshakeLogTap | None = None,
 ) -> ServerResult:
     """Run the federation to its last round (or until `stop` is set) and write the run directory.
 
     With `resume`, the config and progress come from `run_dir/state.db`; `bound_port`, when given, gets
     the port actually bound (for an address ending in :0). `rule`, `server_opt` and `dp_randomness` are
-    as for `fedtune.simulate`."""
+    as for `fedtune.simulate`. `handshakes`: a tap on gRPC's log (`transport.handshake_log`, started
+    before gRPC loaded, as `fedtune server` does) to record refused TLS connections from."""
     started = time.perf_counter()
     check(config, "deploy")  # before anything is written: a refused config leaves no state file
-    store = Store(config.run.resolved_dir / STATE_FILE)
+    path = config.run.resolved_dir / STATE_FILE
+    if resume and not path.is_file():
+        raise StateError(f"--resume: no state in {path}; start the run without --resume")
+    store, created = Store(path), not resume
+    server = None
     try:
         config = _config_for(config, store, resume)
         with torch_threads(config.run.threads):
-            return _Server(config, store, notify).run(
+            server = _Server(config, store, notify)
+            server.handshakes = handshakes
+            return server.run(
                 resume=resume,
                 insecure=insecure,
                 on_round=on_round,
@@ -91,16 +101,23 @@ def serve(
                 dp_randomness=dp_randomness,
                 started=started,
             )
+    except BaseException:
+        if created and (server is None or not server.serving):
+            store.close()
+            _remove_state(path)  # a server that never started leaves no state file behind
+        raise
     finally:
         store.close()
 
 
-MOVABLE = ("address", "certs")  # [deploy] keys a resumed run may change: where and as whom it listens
+def _remove_state(path: Path) -> None:
+    for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        file.unlink(missing_ok=True)
 
 
 def _config_for(config: Config, store: Store, resume: bool) -> Config:
-    """The run's config: the given one for a new run; the stored one to resume, refusing any change but
-    where the server listens (`deploy.address`, `deploy.certs`), with the keys that differ."""
+    """The run's config: the given one for a new run; to resume, the stored one with the changes a
+    resumed run may take (`deploy.resume`), which become the stored config."""
     stored = store.run_config()
     if not resume:
         if stored is not None:
@@ -114,27 +131,12 @@ def _config_for(config: Config, store: Store, resume: bool) -> Config:
             f"--resume: no state in {config.run.resolved_dir / STATE_FILE}; start the run without --resume"
         )
     saved = load_config_text(stored)
-    moved = {key: getattr(config.deploy, key) for key in MOVABLE}
-    saved = saved.model_copy(update={"deploy": saved.deploy.model_copy(update=moved)})
-    # the stored [privacy] also records the resolved noise multiplier and delta: compare the rest
-    changed = _differences(saved.model_copy(update={"privacy": config.privacy}), config)
-    if changed:
-        raise StateError(
-            f"--resume with a config that differs from the stored run's in {', '.join(changed)}; resume with "
-            f"the same config (the stored one is in {config.run.resolved_dir / 'config.toml'})"
-        )
-    return saved
-
-
-def _differences(a: Config, b: Config) -> list[str]:
-    """The `section.key` names whose values differ."""
-    left, right = a.model_dump(mode="json"), b.model_dump(mode="json")
-    return [
-        f"{section}.{key} ({left[section].get(key)!r} stored, {right[section].get(key)!r} given)"
-        for section in left
-        for key in sorted(set(left[section]) | set(right[section]))
-        if left[section].get(key) != right[section].get(key)
-    ]
+    done = max((r.round_num for r in store.rounds() if r.status in ("done", "failed")), default=0)
+    resumed = resumed_config(saved, config, done)
+    for change in changes(saved, resumed):
+        log.warning("--resume: %s", change)
+    store.replace_run_config(to_toml(resumed))
+    return resumed
 
 
 class _Server:
@@ -146,6 +148,8 @@ class _Server:
         self.notify = notify
         self.eval_before: dict[str, float] = {}  # each client's held-out loss at round 0
         self.eval_after: dict[str, float] = {}  # and at the latest evaluation
+        self.serving = False  # the gRPC server started: from here on the state file is the run's
+        self.handshakes: HandshakeLogTap | None = None  # where refused TLS connections are read from
 
     def run(
         self,
@@ -185,7 +189,7 @@ class _Server:
             rows = [
                 r.metrics for r in store.rounds() if r.metrics is not None and r.status in ("done", "failed")
             ]
-            run_dir.rewrite(rows)
+            run_dir.rewrite(config, rows)
             if checkpoint is not None:
                 if checkpoint.global_flat.numel() != numel:
                     raise StateError(
@@ -238,6 +242,9 @@ class _Server:
         if bound_port is not None:
             bound_port.append(port)
         server.start()
+        self.serving = True
+        if self.handshakes is not None and not insecure:
+            self.handshakes.watch(port, lambda failure: _refused_connection(coordinator, failure))
         host = dep.address.rsplit(":", 1)[0]
         self.notify(
             f"serving on {host}:{port} ({'INSECURE' if insecure else 'mutual TLS'}), "
@@ -314,6 +321,11 @@ class _Server:
             for cid, loss in self.eval_before.items()
         }
         run_dir.finish(changes, title=f"fedtune deployment `{self.config.run.name}`", settings=settings)
+
+
+def _refused_connection(coordinator: Coordinator, failure: HandshakeFailure) -> None:
+    log.warning("%s", failure)
+    coordinator.refuse(Refusal("tls_handshake", str(failure)), None)
 
 
 def _drain(coordinator: Coordinator, poll_interval_s: float, session_timeout_s: float) -> None:

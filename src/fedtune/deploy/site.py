@@ -16,13 +16,15 @@ from pathlib import Path
 from fedtune.config import Config, load_config_text
 from fedtune.config.plan import participant_spec
 from fedtune.data import load_site
-from fedtune.errors import DataError
+from fedtune.errors import DataError, PkiError
 from fedtune.local import load_model, make_trainer, tokenizer_for, torch_threads
+from fedtune.pki import common_name, load_identity
 from fedtune.privacy.noise import os_entropy_rng
 from fedtune.round.participant import Participant
 from fedtune.round.state import ClientStateStore
-from fedtune.transport.channel import Stub, open_channel
+from fedtune.transport.channel import Stub, open_channel, server_address
 from fedtune.transport.site_driver import ClientError, ClientResult, SiteRun, take_part
+from fedtune.transport.site_tls import check_site_folder, diagnose
 
 
 def build_site(config: Config, data_path: Path, text_field: str, client_id: str) -> SiteRun:
@@ -51,13 +53,19 @@ def run_client(
     text_field: str = "text",
     give_up_after_s: float = 600.0,
     notify: Callable[[str], None] = lambda _msg: None,
+    show: Callable[[str], None] = lambda _state: None,
 ) -> ClientResult:
     """Take part in the server's run until it is done. `certs` is the site's folder from
-    `fedtune certs issue` (None: plaintext, `client_id` names the client; for tests only)."""
+    `fedtune certs issue` (None: plaintext, `client_id` names the client; for tests only). The folder is
+    checked before connecting, and a refused TLS handshake ends the site at once with the reason."""
+    server = server_address(server)
     if certs is not None:
-        from fedtune.pki import common_name, load_identity
-
-        client_id = common_name(load_identity(certs).cert_pem)
+        client_id = common_name(load_identity(certs).cert_pem)  # files present, key matches
+        try:
+            check_site_folder(certs)
+        except PkiError:
+            diagnose(server, certs)  # one handshake, so that the coordinator sees the attempt too
+            raise
     if not client_id:
         raise ClientError("a client id is needed: pass --certs (its certificate names the client)")
     if not data_path.is_file():
@@ -71,4 +79,12 @@ def run_client(
             threads.enter_context(torch_threads(config.run.threads))
             return build_site(config, data_path, text_field, cid)
 
-        return take_part(stub, cid, build, give_up_after_s=give_up_after_s, notify=notify)
+        return take_part(
+            stub,
+            cid,
+            build,
+            give_up_after_s=give_up_after_s,
+            notify=notify,
+            show=show,
+            diagnose=lambda: diagnose(server, certs),
+        )

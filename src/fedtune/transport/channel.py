@@ -6,6 +6,7 @@ from pathlib import Path
 
 import grpc
 
+from fedtune.errors import ConfigError
 from fedtune.transport.tls import channel_credentials, warn_insecure
 from fedtune.transport.wire import SERVICE
 
@@ -27,6 +28,20 @@ class Stub:
         self.get_task = channel.unary_stream(f"/{SERVICE}/GetTask")
         self.submit = channel.stream_unary(f"/{SERVICE}/SubmitUpdate")
         self.secagg = channel.unary_unary(f"/{SERVICE}/SecAgg")
+
+
+def server_address(text: str) -> str:
+    """`HOST:PORT` as a site passes it (`[v6]:PORT` for an IPv6 literal); ConfigError naming the fix.
+    gRPC itself would take a bare host and quietly use port 443."""
+    host, sep, port = text.strip().rpartition(":")
+    if host.startswith("[") != host.endswith("]") or (":" in host and not host.startswith("[")):
+        sep = ""  # an IPv6 literal without brackets: the last colon is not a port separator
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(
+            f"--server {text!r} needs a port: pass HOST:PORT, e.g. localhost:50051 (the port of the server's "
+            "deploy.address; an IPv6 address as [::1]:50051)"
+        )
+    return f"{host}:{int(port)}"
 
 
 def open_channel(server: str, certs: Path | None, chunk_bytes: int = MAX_CHUNK_BYTES) -> grpc.Channel:

@@ -197,9 +197,14 @@ def take_part(
     *,
     give_up_after_s: float = 600.0,
     notify: Callable[[str], None] = lambda _msg: None,
+    show: Callable[[str], None] = lambda _state: None,
+    diagnose: Callable[[], object | None] = lambda: None,
 ) -> ClientResult:
     """Take part in the server's run until it is done. `build(config_toml)` makes the site's participant
-    from the run's config, once, after the first join."""
+    from the run's config, once, after the first join. `notify` gets what happened (a line each), `show`
+    what the site is doing now (connecting, waiting, training round r, uploading, evaluating). When the
+    server is unavailable, `diagnose()` says whether TLS is why (a problem retrying cannot fix: it ends
+    the site at once) or returns None (an outage: retried with backoff)."""
     backoff = Backoff(give_up_after_s=give_up_after_s)
     site: SiteRun | None = None
     session: bytes | None = None
@@ -207,10 +212,12 @@ def take_part(
     while True:
         try:
             if session is None:
+                show("connecting")
                 reply = join(stub, client_id, 0 if site is None else site.train_examples)
                 session = reply.session
                 backoff.reset()
                 if site is None:
+                    show("loading the model and this site's data")
                     site = build(reply.config_toml)
                     notify(f"{client_id}: joined; {site.train_examples} training examples")
                 continue
@@ -218,19 +225,24 @@ def take_part(
             found = get_task(stub, session, site.adapter_numel)
             backoff.reset()
             if isinstance(found, pb.Done):
+                show("done")
                 return ClientResult(len(trained), found.reason)
             if isinstance(found, pb.Wait):
+                show("waiting for the next round")
                 time.sleep(found.retry_after_ms / 1000)
                 continue
             task, global_flat = found
             request = convert.request_from_pb(task, global_flat, client_id)
             calls = RoundCalls(stub, session, task, site.chunk_bytes)
+            what = "evaluating" if task.kind else "training"
+            show(f"round {task.round}: {what}")
             if isinstance(request, SecureTrainRequest):
                 outcome = calls.secure(site.participant, request)
                 trained.add(calls.round_num)
             else:
                 answer = site.participant.respond(request)
                 assert isinstance(answer, Submission | EvalReport)
+                show(f"round {task.round}: uploading")
                 outcome = calls.send(answer).detail
                 if isinstance(answer, Submission):
                     trained.add(calls.round_num)
@@ -243,7 +255,16 @@ def take_part(
             if code == grpc.StatusCode.FAILED_PRECONDITION and session is not None:
                 log.info("%s: %s", client_id, exc.details())  # a stale round: ask for the next task
                 continue
+            if code == grpc.StatusCode.UNAVAILABLE and (problem := diagnose()) is not None:
+                raise ClientError(str(problem)) from None
             if code in RETRYABLE:
+                show("the server is not reachable; retrying")
                 backoff.wait(f"{code.name}: {exc.details()}")
                 continue
-            raise ClientError(f"the server refused {client_id}: {code.name}: {exc.details()}") from None
+            raise ClientError(f"the server refused {client_id}: {code.name}: {_reason(exc)}") from None
+
+
+def _reason(exc: grpc.RpcError) -> str:
+    """The server's refusal, without gRPC's trailing `: OK` of a handshake error."""
+    details = exc.details() or ""
+    return details.removesuffix(": OK")
