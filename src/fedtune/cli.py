@@ -216,6 +216,10 @@ def client(
             "--client-id is for --unsafe-insecure; with --certs the certificate names the client"
         )
     _grpc_log(verbose)
+    from fedtune.transport.channel import server_address
+    from fedtune.transport.site_tls import preflight
+
+    preflight(server_address(server), certs)  # in a second: no model or torch loaded yet
     from fedtune.deploy.site import run_client
     from fedtune.progress import SiteDisplay
 

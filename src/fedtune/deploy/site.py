@@ -16,15 +16,15 @@ from pathlib import Path
 from fedtune.config import Config, load_config_text
 from fedtune.config.plan import participant_spec
 from fedtune.data import load_site
-from fedtune.errors import DataError, PkiError
+from fedtune.errors import DataError
 from fedtune.local import load_model, make_trainer, tokenizer_for, torch_threads
-from fedtune.pki import common_name, load_identity
+from fedtune.pki import common_name
 from fedtune.privacy.noise import os_entropy_rng
 from fedtune.round.participant import Participant
 from fedtune.round.state import ClientStateStore
 from fedtune.transport.channel import Stub, open_channel, server_address
 from fedtune.transport.site_driver import ClientError, ClientResult, SiteRun, take_part
-from fedtune.transport.site_tls import check_site_folder, diagnose
+from fedtune.transport.site_tls import diagnose, preflight
 
 
 def build_site(config: Config, data_path: Path, text_field: str, client_id: str) -> SiteRun:
@@ -59,13 +59,9 @@ def run_client(
     `fedtune certs issue` (None: plaintext, `client_id` names the client; for tests only). The folder is
     checked before connecting, and a refused TLS handshake ends the site at once with the reason."""
     server = server_address(server)
-    if certs is not None:
-        client_id = common_name(load_identity(certs).cert_pem)  # files present, key matches
-        try:
-            check_site_folder(certs)
-        except PkiError:
-            diagnose(server, certs)  # one handshake, so that the coordinator sees the attempt too
-            raise
+    identity = preflight(server, certs)  # the folder checked and one handshake, before anything loads
+    if identity is not None:
+        client_id = common_name(identity.cert_pem)
     if not client_id:
         raise ClientError("a client id is needed: pass --certs (its certificate names the client)")
     if not data_path.is_file():

@@ -22,7 +22,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
-from fedtune.errors import PkiError
+from fedtune.errors import FedtuneError, PkiError
 from fedtune.pki import CA_CERT_FILE, CERT_FILE, KEY_FILE, Identity, common_name, load_identity
 
 PROBE_TIMEOUT_S = 5.0
@@ -38,6 +38,10 @@ class TlsProblem:
 
     def __str__(self) -> str:
         return self.message
+
+
+class TlsProblemError(FedtuneError):
+    """A TLS problem that retrying cannot fix, in words (`TlsProblem`)."""
 
 
 def check_site_folder(folder: Path, now: datetime | None = None) -> Identity:
@@ -65,6 +69,23 @@ def check_site_folder(folder: Path, now: datetime | None = None) -> Identity:
             f"{folder / CERT_FILE} was not issued by the CA in {folder / CA_CERT_FILE}: "
             f"copy {CA_CERT_FILE}, {CERT_FILE} and {KEY_FILE} from the same `fedtune certs issue` folder"
         ) from None
+    return identity
+
+
+def preflight(address: str, folder: Path | None) -> Identity | None:
+    """Before a site loads anything: its folder checked, and one handshake with the server; PkiError or
+    TlsProblemError saying what is wrong. A server that is not up yet passes (the site will retry it).
+    A folder that fails its check still makes the handshake, so that the coordinator sees the attempt."""
+    identity = None
+    if folder is not None:
+        try:
+            identity = check_site_folder(folder)
+        except PkiError:
+            diagnose(address, folder)
+            raise
+    problem = diagnose(address, folder)
+    if problem is not None:
+        raise TlsProblemError(str(problem))
     return identity
 
 
