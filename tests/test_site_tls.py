@@ -97,3 +97,17 @@ def test_a_server_address_without_a_port_is_refused_with_the_fix(bad):
 def test_server_addresses_with_ports_pass():
     assert server_address("fl.example.org:50051") == "fl.example.org:50051"
     assert server_address("[::1]:443") == "[::1]:443"
+
+
+def test_a_server_certificate_for_another_name_is_a_name_mismatch(tmp_path):
+    init_ca(tmp_path / "named", server_names=["fl.example.org"], server_ips=[])
+    issue_client(tmp_path / "named", "site-a")
+    server = grpc.server(futures.ThreadPoolExecutor(1))
+    port = server.add_secure_port("127.0.0.1:0", server_credentials(tmp_path / "named" / "server"))
+    server.start()
+    try:
+        problem = diagnose(f"localhost:{port}", tmp_path / "named" / "clients" / "site-a")
+    finally:
+        server.stop(0)
+    assert problem is not None and problem.kind == "name_mismatch", problem
+    assert "'localhost'" in problem.message and "--server-name" in problem.message
