@@ -70,5 +70,54 @@ def test_saved_adapter_loads_with_plain_peft(lora_model, tiny_dir, tmp_path):
 
 
 def test_unknown_target_module_is_a_config_error(tiny_dir):
-    with pytest.raises(ConfigError, match=r"lora.target_modules.*linear modules in this model: .*q_proj"):
+    with pytest.raises(ConfigError, match=r"lora.target_modules.*LoRA can adapt in this model: .*q_proj"):
         attach_lora(load_base_model(tiny_dir), LoraSettings(target_modules=["qkv"]), torch.Generator())
+
+
+def tiny_gpt2(path):
+    """A GPT-2 style model (fused Conv1D attention) saved as a local Hugging Face directory."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(
+        n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=32, bos_token_id=0, eos_token_id=0
+    )
+    GPT2LMHeadModel(config).save_pretrained(path)
+    return path
+
+
+def test_auto_targets_are_the_attention_projections_of_each_architecture(tiny_dir, tmp_path):
+    from fedtune.model.targets import attention_targets
+
+    llama = load_base_model(tiny_dir)
+    assert attention_targets(llama) == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    auto = attach_lora(llama, LoraSettings(rank=4), torch.Generator().manual_seed(0))
+    named = attach_lora(
+        load_base_model(tiny_dir),
+        LoraSettings(rank=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+        torch.Generator().manual_seed(0),
+    )
+    assert torch.equal(FlatAdapter(auto).get(), FlatAdapter(named).get())  # the old default, bit for bit
+
+    gpt2 = load_base_model(tiny_gpt2(tmp_path / "gpt2"))
+    assert attention_targets(gpt2) == ["c_attn"]  # c_proj is the MLP's output too: left out
+
+
+def test_a_gpt2_adapter_trains_saves_and_loads_in_peft(tmp_path):
+    base_dir = tiny_gpt2(tmp_path / "gpt2")
+    model = attach_lora(load_base_model(base_dir), LoraSettings(rank=4), torch.Generator().manual_seed(0))
+    adapter = FlatAdapter(model)
+    flat = torch.randn(adapter.numel, generator=torch.Generator().manual_seed(1)) * 0.01
+    save_adapter(model, adapter, flat, tmp_path / "adapter", base_dir)
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["c_attn"]
+    loaded = PeftModel.from_pretrained(load_base_model(base_dir), str(tmp_path / "adapter"))
+    params = [p for n, p in loaded.named_parameters() if "lora_" in n]
+    assert torch.equal(torch.cat([p.detach().reshape(-1) for p in params]), flat)
+
+
+def test_a_wrong_target_on_gpt2_lists_every_module_lora_can_adapt(tmp_path):
+    base = load_base_model(tiny_gpt2(tmp_path / "gpt2"))
+    with pytest.raises(ConfigError) as info:
+        attach_lora(base, LoraSettings(target_modules=["q_proj"]), torch.Generator())
+    message = str(info.value)
+    assert "Conv1D: c_attn, c_fc, c_proj" in message and "Linear: lm_head" in message

@@ -40,6 +40,10 @@ def client_changes(before: EvalSummary | None, after: EvalSummary | None) -> dic
     }
 
 
+def _targets(setting: list[str] | str) -> str:
+    return "auto (the attention projections)" if setting == "auto" else ", ".join(setting)
+
+
 def summary(
     config: Config, *, num_clients: int, cohort: int, adapter_numel: int, seconds: float
 ) -> dict[str, str]:
@@ -52,7 +56,7 @@ def summary(
         "rounds": f"{fed.rounds} x {cohort} clients",
         "local training": f"{work}, batch {config.train.batch_size}, lr {config.train.lr:g}",
         "LoRA": f"rank {config.lora.rank}, alpha {config.lora.alpha:g}, "
-        f"{', '.join(config.lora.target_modules)} ({adapter_numel:,} parameters)",
+        f"{_targets(config.lora.target_modules)} ({adapter_numel:,} parameters)",
         "aggregation": f"{config.server.rule}, server {config.server.optimizer} lr {config.server.lr:g}",
         "seed": str(config.run.seed),
         "wall time": f"{seconds:.1f} s",

@@ -162,7 +162,8 @@ def _check_privacy(config: Config, population: int | None) -> None:
 def _check_dpsgd(config: Config) -> None:
     """DP-SGD works with LoRA on linear layers, not on embeddings (checked again on the built model by
     `train.dpsgd.check_dpsgd_model`, whatever the module names)."""
-    embeddings = [m for m in config.lora.target_modules if m in _EMBEDDINGS]
+    named = [] if config.lora.target_modules == "auto" else config.lora.target_modules  # auto: no embeddings
+    embeddings = [m for m in named if m in _EMBEDDINGS]
     if embeddings:
         raise ConfigError(
             f"dpsgd.enabled with lora.target_modules = {list(config.lora.target_modules)}: Opacus computes "

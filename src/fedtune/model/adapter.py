@@ -15,6 +15,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 from fedtune.errors import ConfigError
 from fedtune.model.settings import LoraSettings
+from fedtune.model.targets import describe_adaptable, fused_conv1d, resolve_targets
 
 
 class FlatAdapter:
@@ -54,22 +55,21 @@ class FlatAdapter:
 
 def attach_lora(base: torch.nn.Module, settings: LoraSettings, generator: torch.Generator) -> PeftModel:
     """Wrap `base` with LoRA; A matrices are initialised from `generator` (B is zero, as in PEFT)."""
+    targets = resolve_targets(base, settings.target_modules)
     config = LoraConfig(
         r=settings.rank,
         lora_alpha=settings.alpha,
         lora_dropout=settings.dropout,
-        target_modules=list(settings.target_modules),
+        target_modules=targets,
+        fan_in_fan_out=fused_conv1d(base, targets),  # GPT-2 style Conv1D layers store weights transposed
         task_type="CAUSAL_LM",
     )
     try:
         model = get_peft_model(base, config)
     except ValueError as exc:
-        linear = sorted(
-            {n.rsplit(".", 1)[-1] for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)}
-        )
         raise ConfigError(
-            f"lora.target_modules = {list(settings.target_modules)}: {exc}; "
-            f"linear modules in this model: {', '.join(linear)}"
+            f"lora.target_modules = {targets}: {exc}; "
+            f"the modules LoRA can adapt in this model: {describe_adaptable(base)}"
         ) from None
     for name, param in model.named_parameters():
         if "lora_A" in name:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Annotated, Literal
+
 from pydantic import Field
 
 from fedtune.section import PositiveInt, Section
@@ -19,6 +21,5 @@ class LoraSettings(Section):
     rank: PositiveInt = 8
     alpha: float = Field(16.0, gt=0.0)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    target_modules: list[str] = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1
-    )
+    # "auto": the attention projections of the loaded architecture (`model.targets`); or module names
+    target_modules: Literal["auto"] | Annotated[list[str], Field(min_length=1)] = "auto"
