@@ -162,6 +162,11 @@ def _check_privacy(config: Config, population: int | None) -> None:
 def _check_dpsgd(config: Config) -> None:
     """DP-SGD works with LoRA on linear layers, not on embeddings (checked again on the built model by
     `train.dpsgd.check_dpsgd_model`, whatever the module names)."""
+    if config.train.proximal_mu > 0:
+        raise ConfigError(
+            f"train.proximal_mu = {config.train.proximal_mu:g} with dpsgd.enabled: the DP-SGD trainer does "
+            "not add FedProx's proximal term; set train.proximal_mu = 0 or dpsgd.enabled = false"
+        )
     named = [] if config.lora.target_modules == "auto" else config.lora.target_modules  # auto: no embeddings
     embeddings = [m for m in named if m in _EMBEDDINGS]
     if embeddings:

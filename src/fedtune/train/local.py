@@ -4,7 +4,8 @@ The trainer holds no per-client state: it borrows the one shared model, loads th
 trains, and hands back `local - global`. A non-finite loss or delta refuses the update with a reason
 instead of letting it into the aggregate. `Trainer` is the extension point: `LocalTrainer` here,
 `train.dpsgd.DpSgdTrainer` for sample-level DP, or a user's own; the round engine's participant calls it
-the same way in simulation and at a deployed site.
+the same way in simulation and at a deployed site. With `train.proximal_mu > 0` the local objective gains
+FedProx's proximal term, which holds the client's adapter near the global one it started from.
 """
 
 from __future__ import annotations
@@ -100,6 +101,7 @@ class LocalTrainer:
         self.adapter = adapter
         self.cfg = cfg
         self.pad_id = pad_id
+        self._sizes = [p.numel() for p in adapter.params]
 
     def train(
         self,
@@ -128,6 +130,8 @@ class LocalTrainer:
                 if not torch.isfinite(loss):
                     return self._refused(client, step, losses[:step], f"non-finite loss at step {step}")
                 loss.backward()
+                if self.cfg.proximal_mu > 0:
+                    self._add_proximal_gradient(global_flat)
                 if self.cfg.max_grad_norm > 0:
                     torch.nn.utils.clip_grad_norm_(self.adapter.params, self.cfg.max_grad_norm)
                 optimizer.step()
@@ -145,6 +149,13 @@ class LocalTrainer:
             num_steps=len(schedule),
             train_loss=float(losses.mean()),
         )
+
+    def _add_proximal_gradient(self, global_flat: torch.Tensor) -> None:
+        """FedProx (Li et al. 2020): the gradient of mu/2 ||w - w_global||^2, mu (w - w_global), added to
+        each LoRA tensor's gradient in one vectorized pass (before clipping, as a term of the loss)."""
+        pull = torch.split((self.adapter.buffer - global_flat).mul_(self.cfg.proximal_mu), self._sizes)
+        grads = [p.grad for p in self.adapter.params]
+        torch._foreach_add_(grads, [t.view(g.shape) for t, g in zip(pull, grads, strict=True)])
 
     def _refused(self, client: ClientData, steps: int, losses: torch.Tensor, reason: str) -> ClientUpdate:
         self.model.eval()

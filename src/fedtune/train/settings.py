@@ -14,3 +14,4 @@ class TrainConfig(Section):
     batch_size: PositiveInt = 4
     weight_decay: float = Field(0.0, ge=0.0)
     max_grad_norm: float = Field(1.0, ge=0.0)  # 0 disables gradient clipping
+    proximal_mu: float = Field(0.0, ge=0.0)  # FedProx: + mu/2 ||w - w_global||^2 on the LoRA parameters
