@@ -28,8 +28,14 @@ def tokenizer_for(config: Config, notify: Callable[[str], None] = lambda _msg: N
 
 
 def load_model(config: Config, model_dir: Path, pad_id: int) -> LocalModel:
-    """The base model with LoRA attached (LoRA A drawn from the run seed), as one flat adapter."""
-    model = attach_lora(load_base_model(model_dir), config.lora, torch_generator(config.run.seed, "lora"))
+    """The base model with LoRA attached (LoRA A drawn from the run seed, the same at every party), as one
+    flat adapter of what trains (B only under `server.lora_aggregation = "ffa"`)."""
+    model = attach_lora(
+        load_base_model(model_dir),
+        config.lora,
+        torch_generator(config.run.seed, "lora"),
+        train_a=config.server.lora_aggregation != "ffa",
+    )
     return LocalModel(model, FlatAdapter(model), pad_id)
 
 

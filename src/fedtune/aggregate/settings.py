@@ -13,6 +13,9 @@ class ServerConfig(Section):
     """Aggregation rule and server optimizer, composed: the rule makes one delta, the optimizer applies it."""
 
     rule: Literal["fedavg", "median", "trimmed_mean"] = "fedavg"
+    # separate: average LoRA's A and B factors each; ffa (FFA-LoRA, Sun et al. 2024): A stays at its shared
+    # seeded init and only B trains and travels, so the mean of B_i A is exactly (mean B_i) A
+    lora_aggregation: Literal["separate", "ffa"] = "separate"
     trim_fraction: float = Field(0.1, ge=0.0, lt=0.5)  # per side, for trimmed_mean
     optimizer: Literal["sgd", "momentum", "adam", "yogi"] = "sgd"
     lr: float = Field(1.0, gt=0.0)  # server learning rate; sgd with lr=1 is plain FedAvg

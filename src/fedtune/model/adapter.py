@@ -53,8 +53,12 @@ class FlatAdapter:
         return {n: t.reshape(s).contiguous() for n, t, s in zip(self.names, pieces, self.shapes, strict=True)}
 
 
-def attach_lora(base: torch.nn.Module, settings: LoraSettings, generator: torch.Generator) -> PeftModel:
-    """Wrap `base` with LoRA; A matrices are initialised from `generator` (B is zero, as in PEFT)."""
+def attach_lora(
+    base: torch.nn.Module, settings: LoraSettings, generator: torch.Generator, *, train_a: bool = True
+) -> PeftModel:
+    """Wrap `base` with LoRA; A matrices are initialised from `generator` (B is zero, as in PEFT). With
+    `train_a` False (FFA-LoRA) the A matrices are frozen at that init: only B is trainable, so only B is
+    in the flat adapter, trained, sent and aggregated; the saved adapter holds both."""
     targets = resolve_targets(base, settings.target_modules)
     config = LoraConfig(
         r=settings.rank,
@@ -74,6 +78,7 @@ def attach_lora(base: torch.nn.Module, settings: LoraSettings, generator: torch.
     for name, param in model.named_parameters():
         if "lora_A" in name:
             torch.nn.init.kaiming_uniform_(param, a=math.sqrt(5), generator=generator)
+            param.requires_grad_(train_a)
     return model
 
 
