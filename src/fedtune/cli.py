@@ -235,6 +235,7 @@ def client(
             give_up_after_s=give_up_after,
             notify=display.line,
             show=display.show,
+            preflight_done=True,
         )
     console.print(f"done: trained in {result.rounds_trained} rounds; {result.reason}")
 

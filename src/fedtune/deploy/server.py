@@ -88,8 +88,7 @@ def serve(
     try:
         config = _config_for(config, store, resume)
         with torch_threads(config.run.threads):
-            server = _Server(config, store, notify)
-            server.handshakes = handshakes
+            server = _Server(config, store, notify, handshakes)
             return server.run(
                 resume=resume,
                 insecure=insecure,
@@ -142,14 +141,20 @@ def _config_for(config: Config, store: Store, resume: bool) -> Config:
 class _Server:
     """One `serve` call's parts: setup -> loop -> save."""
 
-    def __init__(self, config: Config, store: Store, notify: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        notify: Callable[[str], None],
+        handshakes: HandshakeLogTap | None,
+    ) -> None:
         self.config = config
         self.store = store
         self.notify = notify
         self.eval_before: dict[str, float] = {}  # each client's held-out loss at round 0
         self.eval_after: dict[str, float] = {}  # and at the latest evaluation
         self.serving = False  # the gRPC server started: from here on the state file is the run's
-        self.handshakes: HandshakeLogTap | None = None  # where refused TLS connections are read from
+        self.handshakes = handshakes  # where refused TLS connections are read from, if anywhere
 
     def run(
         self,

@@ -18,7 +18,7 @@ from fedtune.config.plan import participant_spec
 from fedtune.data import load_site
 from fedtune.errors import DataError
 from fedtune.local import load_model, make_trainer, tokenizer_for, torch_threads
-from fedtune.pki import common_name
+from fedtune.pki import common_name, load_identity
 from fedtune.privacy.noise import os_entropy_rng
 from fedtune.round.participant import Participant
 from fedtune.round.state import ClientStateStore
@@ -54,14 +54,17 @@ def run_client(
     give_up_after_s: float = 600.0,
     notify: Callable[[str], None] = lambda _msg: None,
     show: Callable[[str], None] = lambda _state: None,
+    preflight_done: bool = False,
 ) -> ClientResult:
     """Take part in the server's run until it is done. `certs` is the site's folder from
     `fedtune certs issue` (None: plaintext, `client_id` names the client; for tests only). The folder is
-    checked before connecting, and a refused TLS handshake ends the site at once with the reason."""
+    checked before connecting (`preflight`, unless the caller did: `preflight_done`), and a refused TLS
+    handshake ends the site at once with the reason."""
     server = server_address(server)
-    identity = preflight(server, certs)  # the folder checked and one handshake, before anything loads
-    if identity is not None:
-        client_id = common_name(identity.cert_pem)
+    if not preflight_done:  # the folder checked and one handshake, before anything loads
+        preflight(server, certs)
+    if certs is not None:
+        client_id = common_name(load_identity(certs).cert_pem)
     if not client_id:
         raise ClientError("a client id is needed: pass --certs (its certificate names the client)")
     if not data_path.is_file():

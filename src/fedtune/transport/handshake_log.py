@@ -22,7 +22,7 @@ import os
 import re
 import sys
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
+from collections.abc import Callable, Iterable, Iterator, MutableMapping
 from dataclasses import dataclass
 
 _ENTRY = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+\s+\d+ [\w./-]+:\d+\] ")
@@ -55,10 +55,6 @@ def enable_trace(environ: MutableMapping[str, str]) -> None:
     environ["GRPC_TRACE"] = ",".join([*traces, "handshaker"] if "handshaker" not in traces else traces)
     if environ.get("GRPC_VERBOSITY", "").upper() != "DEBUG":
         environ["GRPC_VERBOSITY"] = "INFO"
-
-
-def tracing(environ: Mapping[str, str]) -> bool:
-    return "handshaker" in environ.get("GRPC_TRACE", "").split(",")
 
 
 @dataclass(frozen=True)
