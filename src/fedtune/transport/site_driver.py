@@ -31,6 +31,7 @@ from fedtune.transport import convert
 from fedtune.transport import fedtune_v2_pb2 as pb
 from fedtune.transport import secagg_wire as sw
 from fedtune.transport.channel import Stub
+from fedtune.transport.site_tls import TlsProblem
 from fedtune.transport.wire import PROTOCOL_VERSION, chunked, float32_values
 
 log = logging.getLogger("fedtune.client")
@@ -198,7 +199,7 @@ def take_part(
     give_up_after_s: float = 600.0,
     notify: Callable[[str], None] = lambda _msg: None,
     show: Callable[[str], None] = lambda _state: None,
-    diagnose: Callable[[], object | None] = lambda: None,
+    diagnose: Callable[[], TlsProblem | None] = lambda: None,
 ) -> ClientResult:
     """Take part in the server's run until it is done. `build(config_toml)` makes the site's participant
     from the run's config, once, after the first join. `notify` gets what happened (a line each), `show`
