@@ -133,7 +133,7 @@ def setup(
     engine = RoundEngine(
         resolved.plan,
         transport,
-        make_aggregator(config.server, rule=rule, server_opt=server_opt),
+        make_aggregator(config.server, layout=local.adapter.layout, rule=rule, server_opt=server_opt),
         local.adapter.get(),
         dp=resolved.dp,
         dp_randomness=resolved.dp_randomness,

@@ -6,7 +6,10 @@ streaming FedAvg, a secure aggregation (the server sees nothing else) and client
 the sum, the denominator is public) produce; the weighted-mean rule works on it directly, with no
 mean -> sum round trip. `StackedUpdates` holds every delta, for the rules that need each one (median,
 trimmed mean, a user's own rule). `RunningSum` and `UpdateStack` build them one update at a time, so a
-FedAvg round holds O(adapter) whatever the number of clients.
+FedAvg round holds O(adapter) whatever the number of clients. With a product-space `merge`
+(`server.lora_aggregation = "svd"`, `lora_merge.SvdMerge`) the stack goes to the merge instead of the rule
+and optimizer: it re-factors the mean of the clients' B_i A_i, and its truncation residual comes back in
+the round's `Aggregated`.
 """
 
 from __future__ import annotations
@@ -18,8 +21,10 @@ from typing import Protocol
 import torch
 
 from fedtune.aggregate import rules
+from fedtune.aggregate.lora_merge import Merged, SvdMerge
 from fedtune.aggregate.server_opt import ServerOptimizer, make_server_optimizer
 from fedtune.aggregate.settings import ServerConfig
+from fedtune.layout import AdapterLayout
 
 
 class AggregationRule(Protocol):
@@ -99,11 +104,12 @@ class UpdateStack:
 class Aggregator:
     rule: AggregationRule
     server_opt: ServerOptimizer
+    merge: SvdMerge | None = None  # product-space aggregation: replaces rule and optimizer when set
 
     @property
     def linear(self) -> bool:
         """The rule is FedAvg's weighted mean: it runs on sums (streaming, secure aggregation, DP)."""
-        return self.rule is rules.weighted_mean
+        return self.rule is rules.weighted_mean and self.merge is None
 
     def delta(self, updates: SummedUpdates | StackedUpdates) -> torch.Tensor:
         """The round's aggregated delta (float32), without applying it."""
@@ -117,18 +123,36 @@ class Aggregator:
             raise ValueError("no client update reached the aggregator this round")
         return self.rule(updates.deltas, updates.weights).to(torch.float32)
 
+    def aggregate(self, global_flat: torch.Tensor, updates: SummedUpdates | StackedUpdates) -> Merged:
+        """The new global adapter: the rule's delta through the server optimizer, or the merge's
+        re-factored mean product (with its truncation residual)."""
+        if self.merge is None:
+            return Merged(self.server_opt.step(global_flat, self.delta(updates)), None)
+        if not isinstance(updates, StackedUpdates):
+            raise ValueError("a product-space merge needs every update, not their sum")
+        if updates.count == 0:
+            raise ValueError("no client update reached the aggregator this round")
+        return self.merge(global_flat, updates.deltas, updates.weights)
+
     def step(self, global_flat: torch.Tensor, updates: SummedUpdates | StackedUpdates) -> torch.Tensor:
-        """The new global adapter: the rule's delta through the server optimizer."""
-        return self.server_opt.step(global_flat, self.delta(updates))
+        """The new global adapter (see `aggregate`)."""
+        return self.aggregate(global_flat, updates).global_flat
 
 
 def make_aggregator(
     cfg: ServerConfig,
     *,
+    layout: AdapterLayout | None = None,
     rule: AggregationRule | None = None,
     server_opt: ServerOptimizer | None = None,
 ) -> Aggregator:
-    """`[server]`'s rule and optimizer; a user's own `rule` or `server_opt` replaces the configured one."""
+    """`[server]`'s rule and optimizer; a user's own `rule` or `server_opt` replaces the configured one.
+    `layout` (the adapter's) is what a product-space `lora_aggregation` reads."""
+    merge = None
+    if cfg.lora_aggregation == "svd":
+        if layout is None:
+            raise ValueError("server.lora_aggregation = 'svd' needs the adapter's layout")
+        merge = SvdMerge(layout, lr=cfg.lr)
     if rule is None:
         if cfg.rule == "fedavg":
             rule = rules.weighted_mean
@@ -136,4 +160,4 @@ def make_aggregator(
             rule = rules.coordinate_median
         else:
             rule = partial(rules.trimmed_mean, trim_fraction=cfg.trim_fraction)
-    return Aggregator(rule=rule, server_opt=server_opt or make_server_optimizer(cfg))
+    return Aggregator(rule=rule, server_opt=server_opt or make_server_optimizer(cfg), merge=merge)

@@ -14,8 +14,9 @@ class ServerConfig(Section):
 
     rule: Literal["fedavg", "median", "trimmed_mean"] = "fedavg"
     # separate: average LoRA's A and B factors each; ffa (FFA-LoRA, Sun et al. 2024): A stays at its shared
-    # seeded init and only B trains and travels, so the mean of B_i A is exactly (mean B_i) A
-    lora_aggregation: Literal["separate", "ffa"] = "separate"
+    # seeded init and only B trains and travels, so the mean of B_i A is exactly (mean B_i) A; svd: the
+    # weighted mean of the clients' B_i A_i per module, re-factored to the rank by truncated SVD
+    lora_aggregation: Literal["separate", "ffa", "svd"] = "separate"
     trim_fraction: float = Field(0.1, ge=0.0, lt=0.5)  # per side, for trimmed_mean
     optimizer: Literal["sgd", "momentum", "adam", "yogi"] = "sgd"
     lr: float = Field(1.0, gt=0.0)  # server learning rate; sgd with lr=1 is plain FedAvg

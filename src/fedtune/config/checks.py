@@ -36,6 +36,7 @@ def check(
         _check_deployment(config)
     _check_federation(config, population)
     _check_data(config)
+    _check_lora_aggregation(config)
     if config.dpsgd.enabled:
         _check_dpsgd(config)
     if config.privacy.mode != "off":
@@ -81,6 +82,35 @@ def _check_federation(config: Config, population: int | None) -> None:
         raise ConfigError(
             f"data.partition = {config.data.partition!r} needs a number of clients; "
             "set federation.num_clients to an integer"
+        )
+
+
+def _check_lora_aggregation(config: Config) -> None:
+    """Product-space aggregation (svd) re-factors every client's own B_i A_i: it needs each update."""
+    server = config.server
+    if server.lora_aggregation != "svd":
+        return
+    what = "server.lora_aggregation = 'svd' forms the mean of every client's own product B_i A_i"
+    if config.secure_aggregation.enabled:
+        raise ConfigError(
+            f"{what}, but secure aggregation reveals only the sum of the updates; use "
+            "server.lora_aggregation = 'ffa' (exact on a sum) or 'separate', or turn secure aggregation off"
+        )
+    if config.privacy.mode != "off":
+        raise ConfigError(
+            f"{what}, which is not a sum: client-level DP's noise on the sum bounds nothing here; use "
+            "server.lora_aggregation = 'ffa' or 'separate' with privacy.mode, or privacy.mode = 'off'"
+        )
+    if server.rule != "fedavg":
+        raise ConfigError(
+            f"{what} in place of server.rule = {server.rule!r}; set server.rule = 'fedavg' (the weighted "
+            "mean of the products)"
+        )
+    if server.optimizer != "sgd":
+        raise ConfigError(
+            f"{what} and re-factors it, so the factors change basis every round and a server "
+            f"optimizer's state (server.optimizer = {server.optimizer!r}) has no meaning across rounds; "
+            "use server.optimizer = 'sgd' (server.lr steps toward the mean product)"
         )
 
 

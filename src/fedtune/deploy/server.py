@@ -185,7 +185,8 @@ class _Server:
         )
         config = resolved.config
         run_dir = RunDir(config.run.resolved_dir)
-        aggregator = make_aggregator(config.server, rule=rule, server_opt=server_opt)
+        layout = local.adapter.layout
+        aggregator = make_aggregator(config.server, layout=layout, rule=rule, server_opt=server_opt)
         global_flat, first, dpsgd_max = local.adapter.get(), 0, None
         if not resume:
             store.start_run(to_toml(config))

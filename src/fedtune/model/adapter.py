@@ -2,7 +2,9 @@
 
 Every trainable LoRA tensor is re-pointed into a single contiguous buffer, so reading a client's adapter,
 loading the global one, or computing a delta is one vectorized copy, not a loop over parameters. This is
-what lets one base model in memory serve any number of simulated clients.
+what lets one base model in memory serve any number of simulated clients. The buffer's `layout`
+(`fedtune.layout`: each tensor's name, shape and offset, and the A/B pairs) is what the product-space
+aggregation rules and the checkpoints read.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from fedtune.errors import ConfigError
+from fedtune.layout import AdapterLayout
 from fedtune.model.settings import LoraSettings
 from fedtune.model.targets import describe_adaptable, fused_conv1d, resolve_targets
 
@@ -25,10 +28,10 @@ class FlatAdapter:
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not named:
             raise ValueError("the model has no trainable parameters to federate")
-        self.names = [n for n, _ in named]
-        self.shapes = [p.shape for _, p in named]
+        self.layout = AdapterLayout.of([n for n, _ in named], [p.shape for _, p in named])
+        self.names = [t.name for t in self.layout.tensors]
         self.params = [p for _, p in named]
-        self.numel = sum(p.numel() for p in self.params)
+        self.numel = self.layout.numel
         self.buffer = torch.empty(self.numel, dtype=torch.float32)
         offset = 0
         for p in self.params:
@@ -49,8 +52,7 @@ class FlatAdapter:
 
     def state_dict(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """Named tensors of `flat`, keyed like `model.named_parameters()`."""
-        pieces = torch.split(flat, [math.prod(s) for s in self.shapes])
-        return {n: t.reshape(s).contiguous() for n, t, s in zip(self.names, pieces, self.shapes, strict=True)}
+        return {name: t.contiguous() for name, t in self.layout.split(flat).items()}
 
 
 def attach_lora(

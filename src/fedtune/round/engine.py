@@ -4,8 +4,9 @@ Per round: draw the cohort (`sampling`), open the round on the transport, hand e
 (the global adapter, the DP clip, the random-k seed), take their submissions into a sum (`collect`, in the
 clear) or run SecAgg+ through the transport (`secure`), then on the sum: noise (central DP; a distributed
 sum already holds it) -> rule (the weighted mean over the public or summed denominator, or a rule over
-every update) -> server optimizer. After every `eval.every` rounds, and after the round a run ends with,
-the new global adapter is evaluated by the evaluation clients (a second exchange, `Purpose.EVALUATE`).
+every update) -> server optimizer, or a product-space merge (`server.lora_aggregation = "svd"`) over every
+update. After every `eval.every` rounds, and after the round a run ends with, the new global adapter
+is evaluated by the evaluation clients (a second exchange, `Purpose.EVALUATE`).
 
 Policy, one rule for both modes:
 - weights: `WeightRule` (training examples capped at `data.max_examples_per_client`; 1 under DP);
@@ -35,7 +36,7 @@ from fedtune.privacy.dpfedavg import ClientLevelDp, PrivacyMetrics
 from fedtune.round.collect import PlainCollection, train_loss
 from fedtune.round.messages import ClientReport, EvalReport, EvalRequest, TrainRequest, TrainTask
 from fedtune.round.plan import DpRandomness, Member, RunPlan
-from fedtune.round.results import EvalSummary, RoundResult, SecAggMetrics
+from fedtune.round.results import EvalSummary, RoundResult, SecAggMetrics, SvdMetrics
 from fedtune.round.sampling import draw_cohort
 from fedtune.round.secure import run_secure_round
 from fedtune.round.transport import Exchange, Phase, Purpose, Transport
@@ -149,6 +150,7 @@ class RoundEngine:
             train_seconds=0.0,
             privacy=None if self.dp is None else self.dp.so_far(),
             dpsgd_epsilon_max=self.dpsgd_epsilon_max,
+            svd=self._svd(None),
         )
 
     def _fits(self, next_round: int) -> bool:
@@ -200,13 +202,14 @@ class RoundEngine:
             abort = None if collected is None or collected.secagg is None else collected.secagg.abort
             refused = dict(self.transport.close_round(abort))
         failed = self._failure(collected)
-        privacy = None
+        privacy, residual = None, None
         if failed is None:
             updates = collected.updates
             assert updates is not None
             if self.dp is not None:
                 updates, privacy = self._privatize(updates, collected)
-            self.global_flat = self.aggregator.step(self.global_flat, updates)
+            merged = self.aggregator.aggregate(self.global_flat, updates)
+            self.global_flat, residual = merged.global_flat, merged.relative_residual
         elif self.dp is not None:
             privacy = self.dp.so_far()
         self._note_dpsgd(collected.reports.values())
@@ -240,7 +243,11 @@ class RoundEngine:
             secagg=collected.secagg,
             privacy=privacy,
             dpsgd_epsilon_max=self.dpsgd_epsilon_max,
+            svd=self._svd(residual),
         )
+
+    def _svd(self, residual: float | None) -> SvdMetrics | None:
+        return None if self.aggregator.merge is None else SvdMetrics(residual)
 
     def _shared_seed(self, round_num: int) -> bytes | None:
         """The round's random-k seed, sent to every client (from the run seed, so a run repeats)."""

@@ -2,7 +2,8 @@
 
 One row shape in both modes; which keys appear depends on the run's settings only: `client_ids` is left
 out under client-level DP (who took part is part of the guarantee), the `secagg_*` keys appear with secure
-aggregation, the privacy keys with `privacy.mode`, `dpsgd_epsilon_max` with `dpsgd.enabled`.
+aggregation, the privacy keys with `privacy.mode`, `dpsgd_epsilon_max` with `dpsgd.enabled`,
+`svd_residual` with `server.lora_aggregation = "svd"`.
 """
 
 from __future__ import annotations
@@ -40,6 +41,13 @@ class SecAggMetrics:
 
 
 @dataclass(frozen=True)
+class SvdMetrics:
+    """`server.lora_aggregation = "svd"`: what re-factoring the mean product to the rank dropped."""
+
+    relative_residual: float | None  # ||M - M_r||_F / ||M||_F over every module; None: nothing merged
+
+
+@dataclass(frozen=True)
 class RoundResult:
     round_num: int  # 0: the evaluation before training
     selected: int
@@ -58,6 +66,7 @@ class RoundResult:
     secagg: SecAggMetrics | None = None
     privacy: PrivacyMetrics | None = None
     dpsgd_epsilon_max: float | None = None
+    svd: SvdMetrics | None = None
 
     def to_row(self) -> dict[str, Any]:
         """The metrics.jsonl row."""
@@ -108,4 +117,6 @@ class RoundResult:
             }
         if self.dpsgd_epsilon_max is not None:
             row["dpsgd_epsilon_max"] = self.dpsgd_epsilon_max
+        if self.svd is not None:
+            row["svd_residual"] = self.svd.relative_residual
         return row
