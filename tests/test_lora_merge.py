@@ -142,7 +142,7 @@ def test_svd_needs_both_factors_and_one_rank():
 )
 def test_svd_is_refused_where_it_cannot_see_each_update(override, names):
     extra = ["privacy.noise_multiplier=1.0"] if "privacy" in override else []
-    with pytest.raises(ConfigError, match="server.lora_aggregation = 'svd'") as err:
+    with pytest.raises(ConfigError, match=r"server\.lora_aggregation = 'svd'") as err:
         load_config(None, ["server.lora_aggregation='svd'", override, *extra])
     assert names in str(err.value)
 

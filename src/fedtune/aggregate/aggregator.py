@@ -111,23 +111,29 @@ class Aggregator:
         """The rule is FedAvg's weighted mean: it runs on sums (streaming, secure aggregation, DP)."""
         return self.rule is rules.weighted_mean and self.merge is None
 
-    def delta(self, updates: SummedUpdates | StackedUpdates) -> torch.Tensor:
-        """The round's aggregated delta (float32), without applying it."""
+    def delta(self, updates: SummedUpdates | StackedUpdates, scale: float = 1.0) -> torch.Tensor:
+        """The round's aggregated delta (float32) times `scale`, without applying it."""
         if isinstance(updates, SummedUpdates):
             if not self.linear:
                 raise ValueError("a rule other than the weighted mean needs every update, not their sum")
             if updates.denominator <= 0:
                 raise ValueError("the sum's denominator must be positive")
-            return (updates.total / updates.denominator).to(torch.float32)
+            mean = updates.total / updates.denominator
+            return (mean if scale == 1.0 else mean * scale).to(torch.float32)
         if updates.count == 0:
             raise ValueError("no client update reached the aggregator this round")
-        return self.rule(updates.deltas, updates.weights).to(torch.float32)
+        delta = self.rule(updates.deltas, updates.weights)
+        return (delta if scale == 1.0 else delta * scale).to(torch.float32)
 
-    def aggregate(self, global_flat: torch.Tensor, updates: SummedUpdates | StackedUpdates) -> Merged:
-        """The new global adapter: the rule's delta through the server optimizer, or the merge's
-        re-factored mean product (with its truncation residual)."""
+    def aggregate(
+        self, global_flat: torch.Tensor, updates: SummedUpdates | StackedUpdates, scale: float = 1.0
+    ) -> Merged:
+        """The new global adapter: the rule's delta times `scale` (FedNova's mean local steps) through
+        the server optimizer, or the merge's re-factored mean product (with its truncation residual)."""
         if self.merge is None:
-            return Merged(self.server_opt.step(global_flat, self.delta(updates)), None)
+            return Merged(self.server_opt.step(global_flat, self.delta(updates, scale)), None)
+        if scale != 1.0:
+            raise ValueError("a product-space merge takes the clients' whole deltas, not rescaled ones")
         if not isinstance(updates, StackedUpdates):
             raise ValueError("a product-space merge needs every update, not their sum")
         if updates.count == 0:

@@ -17,6 +17,9 @@ class ServerConfig(Section):
     # seeded init and only B trains and travels, so the mean of B_i A is exactly (mean B_i) A; svd: the
     # weighted mean of the clients' B_i A_i per module, re-factored to the rank by truncated SVD
     lora_aggregation: Literal["separate", "ffa", "svd"] = "separate"
+    # fednova (Wang et al. 2020): each client sends its delta per local step, and the round's mean is
+    # scaled back by the mean number of steps, so a client that took more steps does not pull harder
+    step_normalization: Literal["none", "fednova"] = "none"
     trim_fraction: float = Field(0.1, ge=0.0, lt=0.5)  # per side, for trimmed_mean
     optimizer: Literal["sgd", "momentum", "adam", "yogi"] = "sgd"
     lr: float = Field(1.0, gt=0.0)  # server learning rate; sgd with lr=1 is plain FedAvg

@@ -106,6 +106,11 @@ def _check_lora_aggregation(config: Config) -> None:
             f"{what} in place of server.rule = {server.rule!r}; set server.rule = 'fedavg' (the weighted "
             "mean of the products)"
         )
+    if server.step_normalization != "none":
+        raise ConfigError(
+            f"{what}, from each client's whole delta; server.step_normalization = "
+            f"{server.step_normalization!r} sends deltas per local step: set it to 'none' with svd"
+        )
     if server.optimizer != "sgd":
         raise ConfigError(
             f"{what} and re-factors it, so the factors change basis every round and a server "

@@ -68,6 +68,7 @@ def participant_spec(config: Config) -> ParticipantSpec:
             if dpsgd.enabled
             else None
         ),
+        normalize_steps=config.server.step_normalization == "fednova",
     )
 
 
@@ -142,5 +143,6 @@ def resolve(
         privacy=privacy,
         dpsgd=config.dpsgd.enabled,
         reproducible_graph=mode != "deploy",
+        normalize_steps=config.server.step_normalization == "fednova",
     )
     return Resolved(config, plan, dp, randomness, notes)

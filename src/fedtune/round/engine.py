@@ -10,6 +10,8 @@ is evaluated by the evaluation clients (a second exchange, `Purpose.EVALUATE`).
 
 Policy, one rule for both modes:
 - weights: `WeightRule` (training examples capped at `data.max_examples_per_client`; 1 under DP);
+- FedNova (`normalize_steps`): the updates are deltas per local step and the round's aggregate is scaled
+  by the aggregated clients' weighted mean of their steps;
 - a round with fewer than `federation.min_clients` updates, or a SecAgg+ abort, fails: the adapter is
   left as it was and nothing is accounted. Under client-level DP a round always releases its noised sum
   (a missing or refused update counts as a zero delta over the public denominator), so whether it fails
@@ -208,7 +210,7 @@ class RoundEngine:
             assert updates is not None
             if self.dp is not None:
                 updates, privacy = self._privatize(updates, collected)
-            merged = self.aggregator.aggregate(self.global_flat, updates)
+            merged = self.aggregator.aggregate(self.global_flat, updates, self._step_scale(collected))
             self.global_flat, residual = merged.global_flat, merged.relative_residual
         elif self.dp is not None:
             privacy = self.dp.so_far()
@@ -245,6 +247,15 @@ class RoundEngine:
             dpsgd_epsilon_max=self.dpsgd_epsilon_max,
             svd=self._svd(residual),
         )
+
+    def _step_scale(self, collected: _Collected) -> float:
+        """FedNova (Wang et al. 2020): the updates are per local step, so their mean is scaled by the
+        aggregated clients' weighted mean number of steps, tau_eff = sum_i w_i tau_i / sum_i w_i; 1 else."""
+        if not self.plan.normalize_steps or not collected.accepted:
+            return 1.0
+        reports = [collected.accepted[slot] for slot in sorted(collected.accepted)]
+        weights = [self.plan.weights.of(r.num_examples) for r in reports]
+        return sum(w * r.num_steps for w, r in zip(weights, reports, strict=True)) / sum(weights)
 
     def _svd(self, residual: float | None) -> SvdMetrics | None:
         return None if self.aggregator.merge is None else SvdMetrics(residual)

@@ -11,7 +11,8 @@
 Every random stream a client draws from is named by the run seed, the round and its population index, so
 a client trains and encodes the same update in simulation and at its site: batch order and dropout
 (`train`), stochastic quantization (`compress`), fixed-point rounding (`secagg-rounding`). What it keeps
-between rounds (error-feedback residual, DP-SGD steps) is in its `ClientStateStore`.
+between rounds (error-feedback residual, DP-SGD steps) is in its `ClientStateStore`. Under FedNova
+(`normalize_steps`) the update it encodes is its delta per local step.
 """
 
 from __future__ import annotations
@@ -124,8 +125,9 @@ class Participant:
         if update.delta is None:
             self.states.commit(self.client_id, task.round_num, replace(state, dpsgd_steps=steps))
             return Submission(report, None)
+        delta = update.delta / update.num_steps if spec.normalize_steps else update.delta
         encoded = encode_update(
-            update.delta,
+            delta,
             spec.compression,
             generator=torch_generator(seed, "compress", task.round_num, member.index),
             residual=state.residual,

@@ -102,6 +102,7 @@ class RunPlan:
     privacy: PrivacyPlan | None = None
     dpsgd: bool = False
     reproducible_graph: bool = True  # SecAgg+ graph from the run seed (simulation), else from the OS
+    normalize_steps: bool = False  # FedNova: updates arrive per local step; the mean is scaled back
 
 
 @dataclass(frozen=True)
@@ -127,6 +128,7 @@ class ParticipantSpec:
     eval_examples: int  # held-out examples per evaluation
     eval_batch_size: int
     dpsgd: DpSgdAccounting | None = None
+    normalize_steps: bool = False  # FedNova: send the delta divided by the local steps it took
 
 
 @dataclass(frozen=True)
