@@ -21,7 +21,7 @@ from typing import Protocol
 import torch
 
 from fedtune.aggregate import rules
-from fedtune.aggregate.lora_merge import Merged, SvdMerge
+from fedtune.aggregate.lora_merge import Merged, RankWeightedMean, SvdMerge
 from fedtune.aggregate.server_opt import ServerOptimizer, make_server_optimizer
 from fedtune.aggregate.settings import ServerConfig
 from fedtune.layout import AdapterLayout
@@ -100,11 +100,21 @@ class UpdateStack:
         return StackedUpdates(deltas, torch.tensor(self.weights, dtype=deltas.dtype))
 
 
+@dataclass(frozen=True)
+class Contributors:
+    """Heterogeneous ranks: the rank each aggregated update was trained at and its weight, in the order
+    the updates arrived (the order of `StackedUpdates.deltas`)."""
+
+    ranks: tuple[int, ...]
+    weights: tuple[float, ...]
+
+
 @dataclass
 class Aggregator:
     rule: AggregationRule
     server_opt: ServerOptimizer
     merge: SvdMerge | None = None  # product-space aggregation: replaces rule and optimizer when set
+    by_rank: RankWeightedMean | None = None  # hetlora: each coordinate's mean over the clients training it
 
     @property
     def linear(self) -> bool:
@@ -126,19 +136,31 @@ class Aggregator:
         return (delta if scale == 1.0 else delta * scale).to(torch.float32)
 
     def aggregate(
-        self, global_flat: torch.Tensor, updates: SummedUpdates | StackedUpdates, scale: float = 1.0
+        self,
+        global_flat: torch.Tensor,
+        updates: SummedUpdates | StackedUpdates,
+        scale: float = 1.0,
+        contributors: Contributors | None = None,
     ) -> Merged:
         """The new global adapter: the rule's delta times `scale` (FedNova's mean local steps) through
-        the server optimizer, or the merge's re-factored mean product (with its truncation residual)."""
-        if self.merge is None:
-            return Merged(self.server_opt.step(global_flat, self.delta(updates, scale)), None)
-        if scale != 1.0:
-            raise ValueError("a product-space merge takes the clients' whole deltas, not rescaled ones")
-        if not isinstance(updates, StackedUpdates):
-            raise ValueError("a product-space merge needs every update, not their sum")
-        if updates.count == 0:
-            raise ValueError("no client update reached the aggregator this round")
-        return self.merge(global_flat, updates.deltas, updates.weights)
+        the server optimizer, or the merge's re-factored mean product (with its truncation residual).
+        `contributors`: the ranks the updates were trained at, when clients train different ranks."""
+        ranks = None if contributors is None else contributors.ranks
+        if self.merge is not None:
+            if scale != 1.0:
+                raise ValueError("a product-space merge takes the clients' whole deltas, not rescaled ones")
+            if not isinstance(updates, StackedUpdates):
+                raise ValueError("a product-space merge needs every update, not their sum")
+            if updates.count == 0:
+                raise ValueError("no client update reached the aggregator this round")
+            return self.merge(global_flat, updates.deltas, updates.weights, ranks)
+        if self.by_rank is not None and contributors is not None:
+            if not isinstance(updates, SummedUpdates):
+                raise ValueError("the rank-weighted mean takes the weighted sum of the updates")
+            mean = self.by_rank.mean(updates.total, contributors.weights, contributors.ranks)
+            delta = (mean if scale == 1.0 else mean * scale).to(torch.float32)
+            return Merged(self.server_opt.step(global_flat, delta), None)
+        return Merged(self.server_opt.step(global_flat, self.delta(updates, scale)), None)
 
     def step(self, global_flat: torch.Tensor, updates: SummedUpdates | StackedUpdates) -> torch.Tensor:
         """The new global adapter (see `aggregate`)."""
@@ -154,11 +176,14 @@ def make_aggregator(
 ) -> Aggregator:
     """`[server]`'s rule and optimizer; a user's own `rule` or `server_opt` replaces the configured one.
     `layout` (the adapter's) is what a product-space `lora_aggregation` reads."""
-    merge = None
-    if cfg.lora_aggregation == "svd":
+    merge, by_rank = None, None
+    if cfg.lora_aggregation in ("svd", "flexlora", "hetlora"):
         if layout is None:
-            raise ValueError("server.lora_aggregation = 'svd' needs the adapter's layout")
-        merge = SvdMerge(layout, lr=cfg.lr)
+            raise ValueError(f"server.lora_aggregation = {cfg.lora_aggregation!r} needs the adapter's layout")
+        if cfg.lora_aggregation == "hetlora":
+            by_rank = RankWeightedMean(layout)
+        else:
+            merge = SvdMerge(layout, lr=cfg.lr)
     if rule is None:
         if cfg.rule == "fedavg":
             rule = rules.weighted_mean
@@ -166,4 +191,4 @@ def make_aggregator(
             rule = rules.coordinate_median
         else:
             rule = partial(rules.trimmed_mean, trim_fraction=cfg.trim_fraction)
-    return Aggregator(rule=rule, server_opt=server_opt or make_server_optimizer(cfg), merge=merge)
+    return Aggregator(rule, server_opt or make_server_optimizer(cfg), merge=merge, by_rank=by_rank)

@@ -24,6 +24,7 @@ components of the result, the best rank-r_i approximation of the global product 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -79,7 +80,8 @@ def _factors(
 
 @dataclass(frozen=True, eq=False)
 class SvdMerge:
-    """`server.lora_aggregation = "svd"`: the weighted mean of the clients' products, re-factored."""
+    """`server.lora_aggregation = "svd"` (or `"flexlora"`, with clients' ranks): the weighted mean of the
+    clients' products, re-factored to the adapter's rank."""
 
     layout: AdapterLayout
     lr: float = 1.0  # the server's step toward the mean product: (1 - lr) P_global + lr M
@@ -90,23 +92,69 @@ class SvdMerge:
         if len(self.layout.ranks) != 1:
             raise ValueError(f"the adapter's modules have different ranks {sorted(self.layout.ranks)}")
 
-    def __call__(self, global_flat: torch.Tensor, deltas: torch.Tensor, weights: torch.Tensor) -> Merged:
-        """The new global adapter from every client's delta [n, numel] and weight [n]."""
-        rank = next(iter(self.layout.ranks))
+    @property
+    def rank(self) -> int:
+        return next(iter(self.layout.ranks))
+
+    def __call__(
+        self,
+        global_flat: torch.Tensor,
+        deltas: torch.Tensor,
+        weights: torch.Tensor,
+        ranks: Sequence[int] | None = None,
+    ) -> Merged:
+        """The new global adapter from every client's delta [n, numel] and weight [n]. With `ranks`, client
+        i trained the first ranks[i] components from the global adapter truncated to them, and its delta
+        is from that truncated start."""
         x = global_flat.to(torch.float64)
         d = deltas.to(torch.float64)
         w = weights.to(torch.float64)
         coeffs = self.lr * w / w.sum()
         # what is not a LoRA pair (nothing, for PEFT's LoRA) moves by the weighted mean, as in FedAvg
         new = x + coeffs @ d
-        clients = x + d
+        clients = x + d if ranks is None else x * rank_masks(self.layout, ranks).to(x.dtype) + d
         dropped = total = 0.0
         for group in self.layout.groups:  # one batched QR/SVD per module shape (a handful per model)
             b_cat, a_cat = _factors(group, x, clients, coeffs, 1.0 - self.lr)
-            result = refactor(b_cat, a_cat, rank)
+            result = refactor(b_cat, a_cat, self.rank)
             new[group.a_index] = result.a
             new[group.b_index] = result.b
             dropped += float(result.dropped_sq.sum())
             total += float(result.total_sq.sum())
         residual = (dropped / total) ** 0.5 if total > 0 else 0.0
         return Merged(new.to(torch.float32), residual)
+
+
+def rank_masks(layout: AdapterLayout, ranks: Sequence[int]) -> torch.Tensor:
+    """[clients, numel]: where each client, at its rank, trains (`AdapterLayout.rank_mask`)."""
+    masks = {r: layout.rank_mask(r) for r in set(ranks)}
+    return torch.stack([masks[r] for r in ranks])
+
+
+@dataclass(frozen=True, eq=False)
+class RankWeightedMean:
+    """`server.lora_aggregation = "hetlora"` (HetLoRA, Cho et al. 2024): clients train the first r_i
+    components of the rank-R adapter (zero-padded past r_i), and each component is averaged over the
+    clients that train it: delta_j = sum_i w_i delta_ij / sum_{i: r_i > j} w_i. A client's delta is zero
+    past its rank, so the numerator is the plain weighted sum (streaming, or secure aggregation's), and
+    the per-coordinate denominator follows from the public ranks and weights alone."""
+
+    layout: AdapterLayout
+
+    def denominator(self, weights: Sequence[float], ranks: Sequence[int]) -> torch.Tensor:
+        """[numel] float64: the summed weight of the clients that train each coordinate."""
+        by_rank: dict[int, float] = {}
+        for w, r in zip(weights, ranks, strict=True):
+            by_rank[r] = by_rank.get(r, 0.0) + float(w)
+        total = torch.zeros(self.layout.numel, dtype=torch.float64)
+        for r, w in by_rank.items():  # a handful of distinct ranks
+            total += self.layout.rank_mask(r).to(torch.float64) * w
+        return total
+
+    def mean(self, total: torch.Tensor, weights: Sequence[float], ranks: Sequence[int]) -> torch.Tensor:
+        """The rank-weighted mean from the weighted sum `total`; 0 where no client trains."""
+        denominator = self.denominator(weights, ranks)
+        trained = denominator > 0
+        out = torch.zeros_like(total, dtype=torch.float64)
+        out[trained] = total.to(torch.float64)[trained] / denominator[trained]
+        return out

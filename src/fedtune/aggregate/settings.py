@@ -15,8 +15,11 @@ class ServerConfig(Section):
     rule: Literal["fedavg", "median", "trimmed_mean"] = "fedavg"
     # separate: average LoRA's A and B factors each; ffa (FFA-LoRA, Sun et al. 2024): A stays at its shared
     # seeded init and only B trains and travels, so the mean of B_i A is exactly (mean B_i) A; svd: the
-    # weighted mean of the clients' B_i A_i per module, re-factored to the rank by truncated SVD
-    lora_aggregation: Literal["separate", "ffa", "svd"] = "separate"
+    # weighted mean of the clients' B_i A_i per module, re-factored to the rank by truncated SVD; clients of
+    # different ranks ([clients] profiles' rank, at most lora.rank): flexlora (svd, then each client takes
+    # its rank's truncation) or hetlora (zero-padding to lora.rank, each component averaged over the
+    # clients that train it)
+    lora_aggregation: Literal["separate", "ffa", "svd", "flexlora", "hetlora"] = "separate"
     # fednova (Wang et al. 2020): each client sends its delta per local step, and the round's mean is
     # scaled back by the mean number of steps, so a client that took more steps does not pull harder
     step_normalization: Literal["none", "fednova"] = "none"

@@ -86,15 +86,31 @@ def _check_federation(config: Config, population: int | None) -> None:
 
 
 def _check_lora_aggregation(config: Config) -> None:
-    """Product-space aggregation (svd) re-factors every client's own B_i A_i: it needs each update."""
+    """Product-space aggregation (svd, flexlora) re-factors every client's own B_i A_i: it needs each
+    update; hetlora's per-component denominators need each client's weight and rank, not noised counts."""
     server = config.server
-    if server.lora_aggregation != "svd":
+    method = server.lora_aggregation
+    if method == "hetlora":
+        if config.privacy.mode != "off":
+            raise ConfigError(
+                "server.lora_aggregation = 'hetlora' divides each LoRA component by the summed weight of "
+                "the clients that train it, which under client-level DP is not the public denominator the "
+                "noise is calibrated to; use 'separate' or 'ffa' with privacy.mode, or privacy.mode = 'off'"
+            )
+        if server.rule != "fedavg":
+            raise ConfigError(
+                f"server.lora_aggregation = 'hetlora' is a weighted mean per LoRA component, in place of "
+                f"server.rule = {server.rule!r}; set server.rule = 'fedavg'"
+            )
         return
-    what = "server.lora_aggregation = 'svd' forms the mean of every client's own product B_i A_i"
+    if method not in ("svd", "flexlora"):
+        return
+    what = f"server.lora_aggregation = {method!r} forms the mean of every client's own product B_i A_i"
     if config.secure_aggregation.enabled:
         raise ConfigError(
             f"{what}, but secure aggregation reveals only the sum of the updates; use "
-            "server.lora_aggregation = 'ffa' (exact on a sum) or 'separate', or turn secure aggregation off"
+            "server.lora_aggregation = 'ffa' (exact on a sum), 'hetlora' or 'separate', or turn secure "
+            "aggregation off"
         )
     if config.privacy.mode != "off":
         raise ConfigError(
@@ -109,7 +125,7 @@ def _check_lora_aggregation(config: Config) -> None:
     if server.step_normalization != "none":
         raise ConfigError(
             f"{what}, from each client's whole delta; server.step_normalization = "
-            f"{server.step_normalization!r} sends deltas per local step: set it to 'none' with svd"
+            f"{server.step_normalization!r} sends deltas per local step: set it to 'none' with {method}"
         )
     if server.optimizer != "sgd":
         raise ConfigError(

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from fedtune.aggregate import Aggregator, StackedUpdates, SummedUpdates
+from fedtune.aggregate.aggregator import Contributors
 from fedtune.errors import ConfigError, Refusal
 from fedtune.evaluate import ClientNll, combine, perplexity
 from fedtune.privacy.dpfedavg import ClientLevelDp, PrivacyMetrics
@@ -210,7 +211,9 @@ class RoundEngine:
             assert updates is not None
             if self.dp is not None:
                 updates, privacy = self._privatize(updates, collected)
-            merged = self.aggregator.aggregate(self.global_flat, updates, self._step_scale(collected))
+            merged = self.aggregator.aggregate(
+                self.global_flat, updates, self._step_scale(collected), self._contributors(collected, members)
+            )
             self.global_flat, residual = merged.global_flat, merged.relative_residual
         elif self.dp is not None:
             privacy = self.dp.so_far()
@@ -256,6 +259,17 @@ class RoundEngine:
         reports = [collected.accepted[slot] for slot in sorted(collected.accepted)]
         weights = [self.plan.weights.of(r.num_examples) for r in reports]
         return sum(w * r.num_steps for w, r in zip(weights, reports, strict=True)) / sum(weights)
+
+    def _contributors(self, collected: _Collected, members: Sequence[Member]) -> Contributors | None:
+        """Heterogeneous ranks: each aggregated update's rank and weight, in arrival order (the stack's)."""
+        ranks = self.plan.ranks
+        if ranks is None:
+            return None
+        slots = list(collected.accepted)
+        return Contributors(
+            tuple(ranks[members[slot].index] for slot in slots),
+            tuple(float(self.plan.weights.of(collected.accepted[slot].num_examples)) for slot in slots),
+        )
 
     def _svd(self, residual: float | None) -> SvdMetrics | None:
         return None if self.aggregator.merge is None else SvdMetrics(residual)

@@ -12,7 +12,8 @@ Every random stream a client draws from is named by the run seed, the round and 
 a client trains and encodes the same update in simulation and at its site: batch order and dropout
 (`train`), stochastic quantization (`compress`), fixed-point rounding (`secagg-rounding`). What it keeps
 between rounds (error-feedback residual, DP-SGD steps) is in its `ClientStateStore`. Under FedNova
-(`normalize_steps`) the update it encodes is its delta per local step.
+(`normalize_steps`) the update it encodes is its delta per local step; a client of a lower rank than the
+adapter's (`spec.rank`) trains the first components of the global adapter, zero-padded (HetLoRA, FlexLoRA).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 import numpy as np
+import torch
 
 from fedtune.data import ClientData
 from fedtune.errors import FedtuneError
@@ -84,6 +86,7 @@ class Participant:
         self.noise_rng = noise_rng
         self.on_step = on_step
         self._secure: _SecureRound | None = None
+        self._rank_mask: torch.Tensor | None = None
 
     @property
     def client_id(self) -> str:
@@ -113,7 +116,7 @@ class Participant:
         seed, spec = self.spec.seed, self.spec
         state = self.states.begin(self.client_id, task.round_num)
         update = self.trainer.train(
-            task.global_flat,
+            self._start(task.global_flat),
             self.data,
             seed=derive_seed(seed, "train", task.round_num, member.index),
             steps=spec.work.steps,
@@ -137,6 +140,20 @@ class Participant:
         )
         self.states.commit(self.client_id, task.round_num, ClientState(encoded.residual, steps))
         return Submission(replace(report, fits_clip=encoded.fits_clip), encoded.update)
+
+    def _start(self, global_flat: torch.Tensor) -> torch.Tensor:
+        """Where training starts: the global adapter, or its first `spec.rank` components (zero-padded:
+        past them both A rows and B columns are zero, so their gradients are zero and they stay so). The
+        delta is then from that start, zero past the rank."""
+        rank = self.spec.rank
+        if rank is None:
+            return global_flat
+        if self._rank_mask is None:
+            layout = self.local.adapter.layout
+            if rank > min(layout.ranks):
+                raise ParticipantError(f"client rank {rank} exceeds the adapter's rank {min(layout.ranks)}")
+            self._rank_mask = layout.rank_mask(rank)
+        return global_flat * self._rank_mask
 
     def _report(self, update: ClientUpdate, dpsgd_steps: int) -> ClientReport:
         dpsgd = self.spec.dpsgd

@@ -103,6 +103,7 @@ class RunPlan:
     dpsgd: bool = False
     reproducible_graph: bool = True  # SecAgg+ graph from the run seed (simulation), else from the OS
     normalize_steps: bool = False  # FedNova: updates arrive per local step; the mean is scaled back
+    ranks: tuple[int, ...] | None = None  # heterogeneous ranks: each client's LoRA rank, by population index
 
 
 @dataclass(frozen=True)
@@ -129,6 +130,7 @@ class ParticipantSpec:
     eval_batch_size: int
     dpsgd: DpSgdAccounting | None = None
     normalize_steps: bool = False  # FedNova: send the delta divided by the local steps it took
+    rank: int | None = None  # heterogeneous ranks: train only the first `rank` LoRA components
 
 
 @dataclass(frozen=True)
