@@ -223,3 +223,29 @@ def test_dpsgd_and_distributed_dp_run_over_the_network_and_account_as_simulated(
     assert all(r["dpsgd_epsilon_max"] > 0 for r in dep_rows[1:])  # each site ran DP-SGD and said so
     assert dep_rows[-1]["epsilon"] > 0 and dep_rows[1]["secagg_survivors"] == [4, 4, 4, 4]
     assert any(float(t.abs().max()) > 0 for n, t in dep_adapter.items() if "lora_B" in n)
+
+
+def test_ffa_with_secure_aggregation(tmp_path: Path) -> None:
+    config = config_for(
+        tmp_path,
+        "ffa",
+        "federation.rounds=2",
+        "server.lora_aggregation='ffa'",
+        "secure_aggregation.enabled=true",
+        "secure_aggregation.clip_range=1.0",
+        "secure_aggregation.bits=20",
+    )
+    sim_rows, sim_adapter = simulated(config)
+    dep_rows, dep_adapter = deployed(config)
+    same_rows(sim_rows, dep_rows)
+    same_adapter(sim_adapter, dep_adapter)
+    assert dep_rows[-1]["eval_loss"] < dep_rows[0]["eval_loss"]
+
+
+def test_svd_aggregation_in_slot_order_whatever_the_arrival(tmp_path: Path) -> None:
+    config = config_for(tmp_path, "svd", "federation.rounds=2", "server.lora_aggregation='svd'")
+    sim_rows, sim_adapter = simulated(config)
+    dep_rows, dep_adapter = deployed(config)
+    same_rows(sim_rows, dep_rows)
+    same_adapter(sim_adapter, dep_adapter)
+    assert all(0 < r["svd_residual"] < 1 for r in dep_rows[1:])

@@ -79,31 +79,36 @@ class RunningSum:
 
 
 class UpdateStack:
-    """Every update of the round, kept for a rule that needs them all."""
+    """Every update of the round, kept for a rule that needs them all. `stacked` orders them by the
+    `position` each was added with (the round's slot), not by arrival: a rule whose float result depends
+    on the order (a user's own, the SVD merge) then gives the same bits over any transport."""
 
     def __init__(self) -> None:
         self.deltas: list[torch.Tensor] = []
         self.weights: list[float] = []
+        self.positions: list[int] = []
 
     @property
     def count(self) -> int:
         return len(self.deltas)
 
-    def add(self, delta: torch.Tensor, weight: float) -> None:
+    def add(self, delta: torch.Tensor, weight: float, position: int | None = None) -> None:
         if weight <= 0:
             raise ValueError(f"update weight must be positive, got {weight}")
         self.deltas.append(delta)
         self.weights.append(float(weight))
+        self.positions.append(len(self.positions) if position is None else position)
 
     def stacked(self) -> StackedUpdates:
-        deltas = torch.stack(self.deltas)
-        return StackedUpdates(deltas, torch.tensor(self.weights, dtype=deltas.dtype))
+        order = sorted(range(self.count), key=self.positions.__getitem__)
+        deltas = torch.stack([self.deltas[k] for k in order])
+        return StackedUpdates(deltas, torch.tensor([self.weights[k] for k in order], dtype=deltas.dtype))
 
 
 @dataclass(frozen=True)
 class Contributors:
     """Heterogeneous ranks: the rank each aggregated update was trained at and its weight, in the order
-    the updates arrived (the order of `StackedUpdates.deltas`)."""
+    of `StackedUpdates.deltas` (the round's slots)."""
 
     ranks: tuple[int, ...]
     weights: tuple[float, ...]

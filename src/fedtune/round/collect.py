@@ -78,7 +78,10 @@ class PlainCollection:
         except Refusal as refusal:
             self.failures[slot] = (report.client_id, refusal.detail)
             raise
-        self.updates.add(delta, weight)
+        if isinstance(self.updates, UpdateStack):
+            self.updates.add(delta, weight, position=slot)  # stacked in slot order, whatever the arrival
+        else:
+            self.updates.add(delta, weight)
         self.accepted[slot] = report
         return True
 

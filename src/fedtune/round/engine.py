@@ -261,11 +261,11 @@ class RoundEngine:
         return sum(w * r.num_steps for w, r in zip(weights, reports, strict=True)) / sum(weights)
 
     def _contributors(self, collected: _Collected, members: Sequence[Member]) -> Contributors | None:
-        """Heterogeneous ranks: each aggregated update's rank and weight, in arrival order (the stack's)."""
+        """Heterogeneous ranks: each aggregated update's rank and weight, in slot order (the stack's)."""
         ranks = self.plan.ranks
         if ranks is None:
             return None
-        slots = list(collected.accepted)
+        slots = sorted(collected.accepted)
         return Contributors(
             tuple(ranks[members[slot].index] for slot in slots),
             tuple(float(self.plan.weights.of(collected.accepted[slot].num_examples)) for slot in slots),
