@@ -142,7 +142,7 @@ def _check_data(config: Config) -> None:
         if builtin and getattr(data, key) is not None:
             raise ConfigError(
                 f"data.{key} = {getattr(data, key)!r} applies to files only; the built-in "
-                f"source {data.source!r} has its own clients (dirichlet over it skews quantity)"
+                f"source {data.source!r} has its own clients (dirichlet over it skews by them)"
             )
     if (
         data.partition == "natural"

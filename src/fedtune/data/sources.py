@@ -46,7 +46,9 @@ def read_records(cfg: DataConfig) -> Records:
                     f"{cfg.source!r}; unset data.{key}"
                 )
         texts, client_ids = read_shakespeare() if cfg.source == "shakespeare" else read_chat()
-        return Records(texts, list(client_ids), None)
+        # the speakers (characters, chat senders) are the labels: a dirichlet split skews by speaker
+        speakers = np.unique(np.asarray(client_ids, dtype=str), return_inverse=True)[1]
+        return Records(texts, list(client_ids), speakers.astype(np.int64))
     return read_file(Path(cfg.source), cfg.text_field, cfg.client_field, cfg.label_field)
 
 
