@@ -62,6 +62,8 @@ def test_dp_accountant_survives_a_server_restart(tmp_path: Path) -> None:
         checkpoint = store.latest_checkpoint()
         assert checkpoint is not None and checkpoint.round_num == 1
         assert checkpoint.dp_state is not None
+        layout = (checkpoint.extra or {})["layout"]  # what a resume checks the model against
+        assert layout and all("lora_" in name for name, _shape in layout)
         assert json.loads(json.dumps(checkpoint.dp_state))["accountant"]["history"]  # one round accounted
 
     # the same port again: the clients retry it while the server is away

@@ -68,6 +68,16 @@ def test_the_layout_pairs_a_with_b_groups_by_shape_and_masks_ranks():
     assert kept["lm.lora_B.default.weight"][:, :2].all() and not kept["lm.lora_B.default.weight"][:, 2:].any()
 
 
+def test_a_recorded_layout_names_the_first_tensor_that_differs():
+    layout = toy_layout()
+    assert layout.mismatch(layout.describe()) is None
+    other = AdapterLayout.of([t.name for t in layout.tensors], [(4, *t.shape[1:]) for t in layout.tensors])
+    assert "tensor 0 was ['layers.0.q_proj.lora_A.default.weight', [4, 5]]" in str(
+        layout.mismatch(other.describe())
+    )
+    assert "5 tensors were recorded" in str(layout.mismatch(layout.describe()[:5]))
+
+
 def clients_of(layout: AdapterLayout, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     global_flat = torch.randn(layout.numel, generator=g)

@@ -85,6 +85,22 @@ class AdapterLayout:
     def numel(self) -> int:
         return sum(t.numel for t in self.tensors)
 
+    def describe(self) -> list[list[object]]:
+        """[name, shape] of every tensor, JSON-able: what a checkpoint records."""
+        return [[t.name, list(t.shape)] for t in self.tensors]
+
+    def mismatch(self, described: object) -> str | None:
+        """How a recorded `describe()` differs from this layout (the first tensor that differs), or None."""
+        if not isinstance(described, list):
+            return "the recorded layout is not a list of [name, shape]"
+        mine = self.describe()
+        for k, (want, got) in enumerate(zip(described, mine, strict=False)):
+            if want != got:
+                return f"tensor {k} was {want}, this model's is {got}"
+        if len(described) != len(mine):
+            return f"{len(described)} tensors were recorded, this model has {len(mine)}"
+        return None
+
     def split(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """Named tensors of `flat` (views, shaped)."""
         if flat.shape != (self.numel,):

@@ -155,6 +155,7 @@ class _Server:
         self.eval_after: dict[str, float] = {}  # and at the latest evaluation
         self.serving = False  # the gRPC server started: from here on the state file is the run's
         self.handshakes = handshakes  # where refused TLS connections are read from, if anywhere
+        self.layout_recorded: list[list[object]] = []  # the adapter's layout, as checkpoints record it
 
     def run(
         self,
@@ -186,6 +187,7 @@ class _Server:
         config = resolved.config
         run_dir = RunDir(config.run.resolved_dir)
         layout = local.adapter.layout
+        self.layout_recorded = layout.describe()
         aggregator = make_aggregator(config.server, layout=layout, rule=rule, server_opt=server_opt)
         global_flat, first, dpsgd_max = local.adapter.get(), 0, None
         if not resume:
@@ -197,14 +199,16 @@ class _Server:
             ]
             run_dir.rewrite(config, rows)
             if checkpoint is not None:
-                if checkpoint.global_flat.numel() != numel:
+                extra = checkpoint.extra or {}
+                differs = layout.mismatch(extra["layout"]) if "layout" in extra else None
+                if checkpoint.global_flat.numel() != numel or differs is not None:
                     raise StateError(
-                        f"the stored adapter has {checkpoint.global_flat.numel()} values, "
-                        f"this model's {numel}"
+                        f"the stored adapter ({checkpoint.global_flat.numel()} values) is not this model's "
+                        f"({numel}): {differs or 'a different size'}; resume with the run's [model] and "
+                        "[lora] settings, or start a new run.dir"
                     )
                 global_flat, first = checkpoint.global_flat, checkpoint.round_num + 1
                 aggregator.server_opt.load_state_dict(checkpoint.optimizer_state)
-                extra = checkpoint.extra or {}
                 dpsgd_max = extra.get("dpsgd_epsilon_max")
                 self.eval_before = dict(extra.get("eval_before") or {})
                 self.eval_after = dict(extra.get("eval_after") or {})
@@ -297,6 +301,7 @@ class _Server:
             if result.round_num == 0:
                 self.eval_before = dict(self.eval_after)
         extra = {
+            "layout": self.layout_recorded,
             "dpsgd_epsilon_max": state.dpsgd_epsilon_max,
             "eval_before": self.eval_before,
             "eval_after": self.eval_after,
