@@ -108,6 +108,7 @@ def setup(
         "simulate",
         population=[c.client_id for c in clients],
         adapter_numel=local.adapter.numel,
+        layout=local.adapter.layout,
         largest_weight=max(len(c.train) for c in clients),
         dp_randomness=dp_randomness,
     )

@@ -17,6 +17,7 @@ from typing import Any
 from fedtune.compress import CompressionSpec, num_kept
 from fedtune.config.checks import Mode, check
 from fedtune.config.schema import Config
+from fedtune.layout import AdapterLayout
 from fedtune.privacy.distributed import check_headroom
 from fedtune.privacy.dpfedavg import ClientLevelDp
 from fedtune.privacy.plan import plan_privacy
@@ -78,6 +79,7 @@ def resolve(
     *,
     population: Sequence[str],
     adapter_numel: int,
+    layout: AdapterLayout | None = None,
     largest_weight: int | None = None,
     dp_state: dict[str, Any] | None = None,
     dp_randomness: DpRandomness | None = None,
@@ -144,5 +146,6 @@ def resolve(
         dpsgd=config.dpsgd.enabled,
         reproducible_graph=mode != "deploy",
         normalize_steps=config.server.step_normalization == "fednova",
+        layout=layout,
     )
     return Resolved(config, plan, dp, randomness, notes)

@@ -181,6 +181,7 @@ class _Server:
             "deploy",
             population=population,
             adapter_numel=numel,
+            layout=local.adapter.layout,
             dp_state=None if checkpoint is None else checkpoint.dp_state,
             dp_randomness=dp_randomness,
         )

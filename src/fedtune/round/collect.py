@@ -47,9 +47,12 @@ class PlainCollection:
         shared_seed: bytes | None = None,
         clip_l2_norm: float | None = None,
         target: int | None = None,
+        coordinates: Mapping[int, torch.Tensor] | None = None,
     ) -> None:
-        """`linear`: the rule is the weighted mean (sum as they come); `clip_l2_norm`: client-level DP's C."""
+        """`linear`: the rule is the weighted mean (sum as they come); `clip_l2_norm`: client-level DP's C;
+        `coordinates`: by slot, the adapter values a lower-rank client sends (a bool mask; the rest is 0)."""
         self.numel = numel
+        self.coordinates = coordinates or {}
         self.weights = weights
         self.shared_seed = shared_seed
         self.clip_l2_norm = clip_l2_norm
@@ -71,7 +74,7 @@ class PlainCollection:
             self.failures[slot] = (report.client_id, report.error or "refused by the client")
             return True
         try:
-            delta = self._decode(sub.update)
+            delta = self._decode(sub.update, self.coordinates.get(slot))
             weight = self.weights.of(report.num_examples)
             if weight < 1:
                 raise Refusal("malformed", "an update must come from at least one training example")
@@ -85,22 +88,25 @@ class PlainCollection:
         self.accepted[slot] = report
         return True
 
-    def _decode(self, update: object) -> torch.Tensor:
+    def _decode(self, update: object, coordinates: torch.Tensor | None) -> torch.Tensor:
+        numel = self.numel if coordinates is None else int(coordinates.sum())
         if isinstance(update, MaskedUpdate):
             raise Refusal("wrong_encoding", "a masked input outside a secure aggregation round")
         if isinstance(update, CompressedUpdate):
             try:
-                delta = decode(update.payload, self.numel, seed=self.shared_seed)
+                delta = decode(update.payload, numel, seed=self.shared_seed)
             except PayloadError as exc:
                 raise Refusal("invalid_update", str(exc)) from None
         elif isinstance(update, DenseUpdate):
             delta = update.values
-            if delta.dtype != torch.float32 or delta.shape != (self.numel,):
-                raise Refusal("wrong_shape", f"an update has {self.numel} float32 values")
+            if delta.dtype != torch.float32 or delta.shape != (numel,):
+                raise Refusal("wrong_shape", f"an update has {numel} float32 values")
         else:
             raise Refusal("malformed", f"not an update: {type(update).__name__}")
         if not torch.isfinite(delta).all():
             raise Refusal("invalid_update", "the decoded update holds NaN or Inf values")
+        if coordinates is not None:
+            delta = torch.zeros(self.numel, dtype=delta.dtype).masked_scatter_(coordinates, delta)
         if self.clip_l2_norm is not None:
             delta = clip_l2(delta, self.clip_l2_norm).delta
         return delta

@@ -107,6 +107,7 @@ class RoundEngine:
         self.notify = notify
         self.clock = clock
         self.notes: list[str] = []
+        self._rank_masks: dict[int, torch.Tensor] = {}
 
     # ---- the run -----------------------------------------------------------------------------------
 
@@ -260,6 +261,18 @@ class RoundEngine:
         weights = [self.plan.weights.of(r.num_examples) for r in reports]
         return sum(w * r.num_steps for w, r in zip(weights, reports, strict=True)) / sum(weights)
 
+    def _coordinates(self, members: Sequence[Member]) -> dict[int, torch.Tensor]:
+        """By slot, the adapter values a client of a lower rank than the adapter's trains, receives and
+        sends (its first components; `AdapterLayout.rank_mask`)."""
+        plan = self.plan
+        if plan.ranks is None or plan.layout is None:
+            return {}
+        full = min(plan.layout.ranks)
+        lower = {m.slot: plan.ranks[m.index] for m in members if plan.ranks[m.index] < full}
+        for rank in set(lower.values()) - set(self._rank_masks):
+            self._rank_masks[rank] = plan.layout.rank_mask(rank)
+        return {slot: self._rank_masks[rank] for slot, rank in lower.items()}
+
     def _contributors(self, collected: _Collected, members: Sequence[Member]) -> Contributors | None:
         """Heterogeneous ranks: each aggregated update's rank and weight, in slot order (the stack's)."""
         ranks = self.plan.ranks
@@ -283,6 +296,7 @@ class RoundEngine:
     def _plain(self, task: TrainTask, members: Sequence[Member]) -> _Collected:
         plan = self.plan
         target = plan.cohort if plan.selected > plan.cohort else None
+        coordinates = self._coordinates(members)
         collection = PlainCollection(
             numel=plan.adapter_numel,
             weights=plan.weights,
@@ -290,8 +304,14 @@ class RoundEngine:
             shared_seed=task.shared_seed,
             clip_l2_norm=None if self.dp is None else self.dp.clip_l2_norm,
             target=target,
+            coordinates=coordinates,
         )
-        messages = {m.slot: TrainRequest(task, m) for m in members}
+        messages = {
+            m.slot: TrainRequest(
+                task, m, None if m.slot not in coordinates else int(coordinates[m.slot].sum())
+            )
+            for m in members
+        }
         done = self.transport.exchange(Exchange(Phase.TRAIN, messages, collection.deliver, target))
         updates: SummedUpdates | StackedUpdates | None = None
         if self.dp is not None:  # the noised sum is released whoever answered: zeros count as zeros

@@ -40,13 +40,14 @@ class TrainTask:
 class TrainRequest:
     task: TrainTask
     member: Member
+    values: int | None = None  # a client of a lower rank: the values of its components, all it needs
 
     @property
     def global_flat(self) -> torch.Tensor:
         return self.task.global_flat
 
     def nbytes(self) -> int:
-        return self.task.nbytes()
+        return self.task.nbytes() if self.values is None else self.values * FLOAT32_BYTES
 
 
 @dataclass(frozen=True, eq=False)

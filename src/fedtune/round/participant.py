@@ -129,6 +129,9 @@ class Participant:
             self.states.commit(self.client_id, task.round_num, replace(state, dpsgd_steps=steps))
             return Submission(report, None)
         delta = update.delta / update.num_steps if spec.normalize_steps else update.delta
+        if self._rank_mask is not None and masking is None:
+            delta = delta[self._rank_mask]  # a lower rank sends its components only (all secure inputs
+            # cover every coordinate, so a secure round sends the zeros too)
         encoded = encode_update(
             delta,
             spec.compression,
@@ -145,13 +148,12 @@ class Participant:
         """Where training starts: the global adapter, or its first `spec.rank` components (zero-padded:
         past them both A rows and B columns are zero, so their gradients are zero and they stay so). The
         delta is then from that start, zero past the rank."""
-        rank = self.spec.rank
-        if rank is None:
+        rank, layout = self.spec.rank, self.local.adapter.layout
+        if rank is None or rank == min(layout.ranks):
             return global_flat
+        if rank > min(layout.ranks):
+            raise ParticipantError(f"client rank {rank} exceeds the adapter's rank {min(layout.ranks)}")
         if self._rank_mask is None:
-            layout = self.local.adapter.layout
-            if rank > min(layout.ranks):
-                raise ParticipantError(f"client rank {rank} exceeds the adapter's rank {min(layout.ranks)}")
             self._rank_mask = layout.rank_mask(rank)
         return global_flat * self._rank_mask
 

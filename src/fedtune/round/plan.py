@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from fedtune.compress import CompressionSpec
+from fedtune.layout import AdapterLayout
 from fedtune.privacy.dpsgd import record_epsilon
 from fedtune.privacy.noise import os_entropy_generator, os_entropy_rng
 from fedtune.privacy.plan import PrivacyPlan
@@ -104,6 +105,7 @@ class RunPlan:
     reproducible_graph: bool = True  # SecAgg+ graph from the run seed (simulation), else from the OS
     normalize_steps: bool = False  # FedNova: updates arrive per local step; the mean is scaled back
     ranks: tuple[int, ...] | None = None  # heterogeneous ranks: each client's LoRA rank, by population index
+    layout: AdapterLayout | None = None  # where each LoRA tensor sits in the adapter vector
 
 
 @dataclass(frozen=True)
