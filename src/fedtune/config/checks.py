@@ -35,6 +35,7 @@ def check(
         population = len(config.deploy.clients)
         _check_deployment(config)
     _check_federation(config, population)
+    _check_client_ranks(config)
     _check_data(config)
     if config.dpsgd.enabled:
         _check_dpsgd(config)
@@ -82,6 +83,17 @@ def _check_federation(config: Config, population: int | None) -> None:
             f"data.partition = {config.data.partition!r} needs a number of clients; "
             "set federation.num_clients to an integer"
         )
+
+
+def _check_client_ranks(config: Config) -> None:
+    """A profile's LoRA rank: only lora.rank until heterogeneous ranks can be aggregated."""
+    for i, profile in enumerate(config.clients.profiles):
+        if profile.rank is not None and profile.rank != config.lora.rank:
+            raise ConfigError(
+                f"clients.profiles[{i}].rank = {profile.rank} differs from lora.rank = {config.lora.rank}: "
+                "heterogeneous LoRA ranks need server.lora_aggregation = 'flexlora' or 'hetlora' to "
+                "aggregate them; leave the profile's rank out or set it to lora.rank"
+            )
 
 
 def _check_data(config: Config) -> None:
@@ -247,6 +259,17 @@ def _check_deployment(config: Config) -> None:
         raise ConfigError(
             f"deploy.min_connected = {dep.min_connected} exceeds the {len(dep.clients)} clients in "
             "deploy.clients; lower it or use 'all'"
+        )
+    if fed.round_deadline_s is not None:
+        raise ConfigError(
+            f"federation.round_deadline_s = {fed.round_deadline_s:g} cuts stragglers on the simulated "
+            "clock; a deployment runs on the real one: remove it and set deploy.round_timeout_s"
+        )
+    if config.clients.profiles:
+        raise ConfigError(
+            f"clients.profiles ({len(config.clients.profiles)} given) simulate heterogeneous clients; in a "
+            "deployment each site's own hardware, links and hours are its profile: remove "
+            "[[clients.profiles]]"
         )
     if config.secure_aggregation.dropout_rate > 0:
         raise ConfigError(
