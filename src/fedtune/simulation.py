@@ -6,6 +6,9 @@ sum, privacy, aggregation, the failure policy and the metrics are the engine's (
 same code a deployment runs; only the transport differs. Virtual clients keep no model: each round's
 participants borrow the shared model, and what a client keeps between rounds (error-feedback residual,
 DP-SGD steps) is in the engine's client-state store, so memory grows with the population only by that.
+With `[clients]` profiles or `federation.round_deadline_s`, the in-process transport runs under the
+simulated clock (`round.clock`), each client trains its profile's local steps, and each round's result
+carries the clock's timing.
 """
 
 from __future__ import annotations
