@@ -198,6 +198,7 @@ class ClientProfile:
     upload_mbps: float = math.inf
     download_mbps: float = math.inf
     availability: float = 1.0
+    rank: int | None = None  # its LoRA rank; None: lora.rank (today every rank is lora.rank)
     profile: int | None = None  # the index of the profile that picked it
 
 
@@ -252,6 +253,7 @@ def resolve_profiles(config: ClientsConfig, population: Sequence[str], seed: int
             client_id,
             local_steps=None if steps is None else max(1, round(steps)),
             **{k: min(v, 1.0) if k == "availability" else v for k, v in got.items()},
+            rank=p.rank,
             profile=index,
         )
     return out
