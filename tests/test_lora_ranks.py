@@ -4,16 +4,23 @@ the clients' products by SVD; known answers on hand-built adapters, and a real t
 
 from __future__ import annotations
 
+import json
+
+import pytest
 import torch
+from peft import PeftModel
 
 from fedtune.aggregate.lora_merge import RankWeightedMean, SvdMerge, rank_masks
-from fedtune.config import LoraSettings, TrainConfig
+from fedtune.config import LoraSettings, TrainConfig, load_config
 from fedtune.data import ClientData
+from fedtune.errors import ConfigError
 from fedtune.layout import AdapterLayout
 from fedtune.model.adapter import FlatAdapter, attach_lora
 from fedtune.model.base import load_base_model
+from fedtune.simulation import simulate
 from fedtune.train.local import LocalTrainer
 from tests.test_lora_merge import best_rank, products, toy_layout
+from tests.test_simulation import SMALL
 
 
 def test_hetlora_averages_each_component_over_the_clients_that_train_it():
@@ -73,3 +80,42 @@ def test_a_low_rank_client_trains_only_its_components(tiny_dir, tokenizer):
     assert not update.delta[~mask].any()  # past rank 2: zero A rows and B columns get zero gradients
     assert update.delta[mask].abs().sum() > 0
     assert isinstance(layout, AdapterLayout) and layout.ranks == {4}
+
+
+MIXED = ["lora.rank=4", "lora.alpha=8", "federation.rounds=2", "clients.profiles=[{fraction=0.5, rank=2}]"]
+
+
+def mixed_run(tmp_path, name: str, *overrides: str):
+    config = load_config(None, [*SMALL, *MIXED, f"run.dir={tmp_path / name}", *overrides])
+    return simulate(config), [
+        json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("method", "extra"),
+    [("hetlora", ()), ("flexlora", ()), ("hetlora", ("secure_aggregation.enabled=true",))],
+)
+def test_mixed_rank_runs_learn_send_less_and_load_in_peft(tmp_path, tiny_dir, method, extra):
+    result, rows = mixed_run(tmp_path, method, f"server.lora_aggregation='{method}'", *extra)
+    assert result.after.loss < result.before.loss
+    if not extra:  # plain rounds: a rank-2 client sends its components only
+        _, full = mixed_run(tmp_path, "full", "clients.profiles=[]")
+        # round 2's cohort is the three rank-2 clients: half the values of round 1's full-rank three
+        assert [r["bytes_up"] for r in rows[1:]] == [full[1]["bytes_up"], full[2]["bytes_up"] // 2]
+    if method == "flexlora":
+        assert all(0 <= r["svd_residual"] < 1 for r in rows[1:])
+    loaded = PeftModel.from_pretrained(load_base_model(tiny_dir), str(result.run_dir / "adapter"))
+    ranks = {p.shape[0] for n, p in loaded.named_parameters() if "lora_A" in n}
+    assert ranks == {4}  # the global adapter is at the largest rank
+
+
+def test_a_lower_rank_needs_a_method_that_merges_ranks_and_no_rank_exceeds_the_adapters():
+    with pytest.raises(ConfigError, match=r"cannot merge different ranks"):
+        load_config(None, [*MIXED])
+    with pytest.raises(ConfigError, match=r"exceeds lora\.rank = 4"):
+        load_config(
+            None,
+            ["lora.rank=4", "clients.profiles=[{fraction=0.5, rank=8}]", "server.lora_aggregation='hetlora'"],
+        )

@@ -93,6 +93,22 @@ def test_plots_are_valid_pngs(tmp_path: Path) -> None:
         _png_size(path)
 
 
+def test_a_run_on_the_simulated_clock_gets_a_time_to_accuracy_plot(tmp_path: Path) -> None:
+    assert not (tmp_path / "time.png").exists()
+    total = 0.0
+    rows = []
+    for r in ROWS:
+        step = 0.0 if r["round"] == 0 else 30.0 + r["round"]
+        total += step
+        rows.append({**r, "simulated_seconds": step, "simulated_seconds_total": total})
+    text = _write(tmp_path / "timed", rows=rows)
+    _png_size(tmp_path / "timed" / "time.png")
+    assert "](time.png)" in text and "time-to-accuracy" in text
+    table = _section_table(text, "## Rounds")
+    assert [row[9] for row in table] == ["0.0", "31.0", "32.0", "33.0", "34.0", "35.0"]
+    assert "time.png" not in _write(tmp_path / "plain")
+
+
 def test_per_client_table_sorted_by_change(tmp_path: Path) -> None:
     table = _section_table(_write(tmp_path), "## Clients")
     assert [row[0] for row in table] == ["a", "c", "d", "b"]

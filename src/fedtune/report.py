@@ -5,7 +5,8 @@ Formatting is pure (rows in, Markdown lines out); only `write_report` touches th
 global backend and every figure is freed once written. Missing values (None) show as "–" in tables
 and are left out of plots and counts. Above 40 clients the per-client plot turns from grouped bars
 into a before/after scatter; above 25 clients the per-client table keeps the 10 most and 10 least
-improved.
+improved. A run on the simulated clock (rows with `simulated_seconds_total`) also gets `time.png`: eval
+loss against simulated seconds (time-to-accuracy), and a column of each round's simulated seconds.
 """
 
 from __future__ import annotations
@@ -113,11 +114,18 @@ def headline(rows: list[dict[str, Any]], client_eval: dict[str, dict[str, float]
     return text + f" {improved} of {len(changes)} clients improved their eval loss."
 
 
+def simulated(rows: list[dict[str, Any]]) -> bool:
+    """The rows come from a run on the simulated clock."""
+    return any(r.get("simulated_seconds_total") is not None for r in rows)
+
+
 def round_table(rows: list[dict[str, Any]]) -> list[str]:
-    """The per-round Markdown table; a `failed` column appears when rows record failed clients."""
+    """The per-round Markdown table; a `failed` column appears when rows record failed clients, a
+    `simulated s` column on the simulated clock."""
     show_failed = any("failed_clients" in r for r in rows)
+    show_simulated = simulated(rows)
     header = ["round", "clients", "train loss", "eval loss", "eval perplexity"]
-    header += ["MB up", "MB down", "seconds"]
+    header += ["MB up", "MB down", "seconds"] + (["simulated s"] if show_simulated else [])
     if show_failed:
         header.insert(2, "failed")
     body = []
@@ -132,6 +140,8 @@ def round_table(rows: list[dict[str, Any]]) -> list[str]:
             _fmt_mb(r.get("bytes_down")),
             _fmt(r.get("seconds"), ".1f"),
         ]
+        if show_simulated:
+            cells.append(_fmt(r.get("simulated_seconds"), ",.1f"))
         if show_failed:
             failed = r.get("failed_clients")
             cells.insert(2, DASH if failed is None else str(len(failed)))
@@ -174,6 +184,23 @@ def _plot_loss(rows: list[dict[str, Any]], path: Path) -> None:
     ax.set_xlabel("round")
     ax.set_ylabel("loss")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def _plot_time(rows: list[dict[str, Any]], path: Path) -> None:
+    """Eval loss against the run's simulated seconds: time-to-accuracy."""
+    fig = Figure(figsize=(7, 4), layout="constrained")
+    ax = fig.add_subplot()
+    points = [(_finite(r.get("simulated_seconds_total")), _finite(r.get("eval_loss"))) for r in rows]
+    kept = [(x, y) for x, y in points if x is not None and y is not None]
+    if kept:
+        ax.plot(*zip(*kept, strict=True), "o-", label="eval loss")
+        ax.legend()
+    else:
+        ax.text(0.5, 0.5, "no evaluated rounds", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel("simulated seconds")
+    ax.set_ylabel("eval loss")
     ax.grid(alpha=0.3)
     _save(fig, path)
 
@@ -227,15 +254,21 @@ def write_report(
     title: str,
     summary: dict[str, str],
 ) -> Path:
-    """Write `report.md`, `loss.png` and `clients.png` into `run_dir`; return the report's path."""
+    """Write `report.md`, `loss.png`, `clients.png` (and `time.png` on the simulated clock) into
+    `run_dir`; return the report's path."""
     run_dir.mkdir(parents=True, exist_ok=True)
     _plot_loss(rows, run_dir / "loss.png")
+    if simulated(rows):
+        _plot_time(rows, run_dir / "time.png")
     _plot_clients(client_eval, run_dir / "clients.png")
     lines = [f"# {title}", ""]
     if summary:
         lines += [*_table(["", ""], [[k, v] for k, v in summary.items()]), ""]
     lines += [headline(rows, client_eval), "", "## Rounds", "", *round_table(rows), ""]
-    lines += ["![train and eval loss per round](loss.png)", "", "## Clients", ""]
+    lines += ["![train and eval loss per round](loss.png)", ""]
+    if simulated(rows):
+        lines += ["![eval loss against simulated seconds (time-to-accuracy)](time.png)", ""]
+    lines += ["## Clients", ""]
     lines += ["![per-client eval loss before and after](clients.png)", ""]
     lines += [*client_table(client_eval), ""]
     path = run_dir / "report.md"

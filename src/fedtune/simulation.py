@@ -6,13 +6,16 @@ sum, privacy, aggregation, the failure policy and the metrics are the engine's (
 same code a deployment runs; only the transport differs. Virtual clients keep no model: each round's
 participants borrow the shared model, and what a client keeps between rounds (error-feedback residual,
 DP-SGD steps) is in the engine's client-state store, so memory grows with the population only by that.
+With `[clients]` profiles or `federation.round_deadline_s`, the in-process transport runs under the
+simulated clock (`round.clock`), each client trains its profile's local steps, and each round's result
+carries the clock's timing.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -22,10 +25,12 @@ from fedtune.config.plan import participant_spec, resolve
 from fedtune.data import ClientData, load_clients
 from fedtune.local import load_model, make_trainer, tokenizer_for, torch_threads
 from fedtune.model.adapter import save_adapter
+from fedtune.round.clock import SimulatedClock
 from fedtune.round.engine import RoundEngine
 from fedtune.round.inprocess import Dropouts, InProcessTransport, SeededDropouts
 from fedtune.round.participant import Participant
 from fedtune.round.plan import DpRandomness, Member
+from fedtune.round.profiles import spec_for
 from fedtune.round.results import EvalSummary, RoundResult
 from fedtune.round.state import ClientStateStore
 from fedtune.round.transport import Phase
@@ -83,6 +88,7 @@ class Setup:
     local: LocalModel
     engine: RoundEngine
     run_dir: RunDir
+    clock: SimulatedClock | None = None  # with [clients] profiles or federation.round_deadline_s
 
 
 def setup(
@@ -120,10 +126,11 @@ def setup(
 
     trainer, states, spec = make_trainer(config, local), ClientStateStore(), participant_spec(config)
     shares = None if resolved.dp_randomness is None else resolved.dp_randomness.shares
+    profiles = resolved.profiles
 
     def participant_for(member: Member) -> Participant:
-        data = clients[member.index]
-        return Participant(data, local, trainer, states, spec, noise_rng=shares, on_step=observer.step)
+        data, own = clients[member.index], spec_for(spec, profiles[member.client_id])
+        return Participant(data, local, trainer, states, own, noise_rng=shares, on_step=observer.step)
 
     rate = config.secure_aggregation.dropout_rate
     transport = InProcessTransport(
@@ -131,16 +138,21 @@ def setup(
         dropouts=dropouts if dropouts is not None else SeededDropouts(rate, seed) if rate > 0 else None,
         on_work=observer.working,
     )
+    clock = None
+    deadline = config.federation.round_deadline_s
+    if config.clients.active or deadline is not None:
+        batch = config.train.batch_size
+        clock = SimulatedClock(transport, profiles, batch_size=batch, seed=seed, deadline_s=deadline)
     engine = RoundEngine(
         resolved.plan,
-        transport,
+        transport if clock is None else clock,
         make_aggregator(config.server, layout=local.adapter.layout, rule=rule, server_opt=server_opt),
         local.adapter.get(),
         dp=resolved.dp,
         dp_randomness=resolved.dp_randomness,
         notify=notify,
     )
-    return Setup(config, clients, model_dir, local, engine, run_dir)
+    return Setup(config, clients, model_dir, local, engine, run_dir, clock)
 
 
 def simulate(
@@ -185,6 +197,8 @@ def _simulate(
     observer.start(plan.rounds, total_steps(s.config, s.clients, plan.cohort))
     results: list[RoundResult] = []
     for result in s.engine.run():
+        if s.clock is not None:
+            result = replace(result, timing=s.clock.timing(result.round_num))
         results.append(result)
         s.run_dir.append(result)
         observer.round_finished(result)

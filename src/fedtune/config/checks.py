@@ -35,6 +35,7 @@ def check(
         population = len(config.deploy.clients)
         _check_deployment(config)
     _check_federation(config, population)
+    _check_client_ranks(config)
     _check_data(config)
     _check_lora_aggregation(config)
     if config.dpsgd.enabled:
@@ -133,6 +134,27 @@ def _check_lora_aggregation(config: Config) -> None:
             f"optimizer's state (server.optimizer = {server.optimizer!r}) has no meaning across rounds; "
             "use server.optimizer = 'sgd' (server.lr steps toward the mean product)"
         )
+
+
+def _check_client_ranks(config: Config) -> None:
+    """A profile's LoRA rank: at most lora.rank (the global adapter's), and below it only where the
+    aggregation can merge different ranks."""
+    method = config.server.lora_aggregation
+    for i, profile in enumerate(config.clients.profiles):
+        if profile.rank is None or profile.rank == config.lora.rank:
+            continue
+        if profile.rank > config.lora.rank:
+            raise ConfigError(
+                f"clients.profiles[{i}].rank = {profile.rank} exceeds lora.rank = {config.lora.rank}: the "
+                "global adapter is at lora.rank and each client trains its first components; raise "
+                "lora.rank to the largest client rank"
+            )
+        if method not in ("flexlora", "hetlora"):
+            raise ConfigError(
+                f"clients.profiles[{i}].rank = {profile.rank} differs from lora.rank = {config.lora.rank}: "
+                f"server.lora_aggregation = {method!r} cannot merge different ranks; set it to 'flexlora' "
+                "or 'hetlora', or leave the profile's rank out"
+            )
 
 
 def _check_data(config: Config) -> None:
@@ -298,6 +320,17 @@ def _check_deployment(config: Config) -> None:
         raise ConfigError(
             f"deploy.min_connected = {dep.min_connected} exceeds the {len(dep.clients)} clients in "
             "deploy.clients; lower it or use 'all'"
+        )
+    if fed.round_deadline_s is not None:
+        raise ConfigError(
+            f"federation.round_deadline_s = {fed.round_deadline_s:g} cuts stragglers on the simulated "
+            "clock; a deployment runs on the real one: remove it and set deploy.round_timeout_s"
+        )
+    if config.clients.profiles:
+        raise ConfigError(
+            f"clients.profiles ({len(config.clients.profiles)} given) simulate heterogeneous clients; in a "
+            "deployment each site's own hardware, links and hours are its profile: remove "
+            "[[clients.profiles]]"
         )
     if config.secure_aggregation.dropout_rate > 0:
         raise ConfigError(

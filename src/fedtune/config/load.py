@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args, get_origin
 
 import tomli_w
 from pydantic import BaseModel, ValidationError
@@ -55,10 +55,15 @@ def _describe(error: dict[str, Any]) -> str:
             return f"{where} has moved: set {moved}"
         model: type[BaseModel] = Config
         for part in error["loc"][:-1]:
+            if isinstance(part, int):  # an entry of a list of sections
+                continue
             field = model.model_fields.get(str(part))
-            if field is None or not isinstance(field.annotation, type):
+            annotation = None if field is None else field.annotation
+            if get_origin(annotation) is list:
+                annotation = get_args(annotation)[0]
+            if not isinstance(annotation, type):
                 break
-            model = field.annotation
+            model = annotation
         allowed = ", ".join(model.model_fields)
         return f"{where}: unknown key; allowed here: {allowed}"
     if kind == "value_error":

@@ -30,6 +30,7 @@ from fedtune.round.plan import (
     SecureSettings,
     WeightRule,
 )
+from fedtune.round.profiles import ClientProfile, client_ranks, resolve_profiles
 from fedtune.round.sampling import cohort_size, eval_members
 from fedtune.secagg import FixedPoint
 
@@ -41,6 +42,7 @@ class Resolved:
     dp: ClientLevelDp | None
     dp_randomness: DpRandomness | None  # what the DP state and the cohort draws use
     notes: list[str]
+    profiles: dict[str, ClientProfile]  # each client's `[clients]` profile (simulation only)
 
 
 def weight_rule(config: Config) -> WeightRule:
@@ -88,6 +90,7 @@ def resolve(
     (a simulation knows it; it bounds secure aggregation's encoding when data.max_examples_per_client is
     'all'). `dp_state`: a checkpoint's DP state to resume from."""
     notes = check(config, mode, population=len(population), max_weight=largest_weight)
+    profiles = resolve_profiles(config.clients, population, config.run.seed)
     fed, sa = config.federation, config.secure_aggregation
     cohort = cohort_size(len(population), fed.clients_per_round, fed.fraction_per_round)
     selected = cohort
@@ -147,5 +150,6 @@ def resolve(
         reproducible_graph=mode != "deploy",
         normalize_steps=config.server.step_normalization == "fednova",
         layout=layout,
+        ranks=client_ranks(profiles, population, config.lora.rank),
     )
-    return Resolved(config, plan, dp, randomness, notes)
+    return Resolved(config, plan, dp, randomness, notes, profiles)

@@ -2,9 +2,10 @@
 
 `[run]` is the run's own (where results go, the seed, threads); the others come from their packages:
 `[model]` `[lora]` (model.settings), `[data]` (data.settings), `[federation]` `[eval]` (round.settings),
-`[train]` (train.settings), `[server]` (aggregate.settings), `[secure_aggregation]` (secagg.settings),
-`[compression]` (compress.settings), `[privacy]` `[dpsgd]` (privacy.settings), `[deploy]`
-(transport.settings). The rules that span sections are in `checks`; loading and overrides in `load`.
+`[clients]` (round.profiles), `[train]` (train.settings), `[server]` (aggregate.settings),
+`[secure_aggregation]` (secagg.settings), `[compression]` (compress.settings), `[privacy]` `[dpsgd]`
+(privacy.settings), `[deploy]` (transport.settings). The rules that span sections are in `checks`;
+loading and overrides in `load`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from fedtune.compress.settings import CompressionConfig
 from fedtune.data.settings import DataConfig
 from fedtune.model.settings import LoraSettings, ModelConfig
 from fedtune.privacy.settings import DpSgdConfig, PrivacyConfig
+from fedtune.round.profiles import ClientsConfig
 from fedtune.round.settings import EvalConfig, FederationConfig
 from fedtune.secagg.settings import SecureAggregationConfig
 from fedtune.section import PositiveInt, Section
@@ -46,6 +48,7 @@ class Config(Section):
     lora: LoraSettings = LoraSettings()
     data: DataConfig = DataConfig()
     federation: FederationConfig = FederationConfig()
+    clients: ClientsConfig = ClientsConfig()
     train: TrainConfig = TrainConfig()
     server: ServerConfig = ServerConfig()
     secure_aggregation: SecureAggregationConfig = SecureAggregationConfig()

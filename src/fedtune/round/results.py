@@ -3,7 +3,9 @@
 One row shape in both modes; which keys appear depends on the run's settings only: `client_ids` is left
 out under client-level DP (who took part is part of the guarantee), the `secagg_*` keys appear with secure
 aggregation, the privacy keys with `privacy.mode`, `dpsgd_epsilon_max` with `dpsgd.enabled`,
-`svd_residual` with `server.lora_aggregation = "svd"`.
+`svd_residual` with `server.lora_aggregation = "svd"` or `"flexlora"`, the simulated clock's
+(`simulated_seconds`, `simulated_seconds_total`, `client_seconds`) in a simulation with `[clients]` profiles
+or `federation.round_deadline_s` (`client_seconds` left out under client-level DP).
 """
 
 from __future__ import annotations
@@ -48,6 +50,51 @@ class SvdMetrics:
 
 
 @dataclass(frozen=True)
+class ClientTiming:
+    """A selected client on the simulated clock (`round.clock`): its seconds from the round's start."""
+
+    online: bool  # False: it never heard of the round (availability), and all its times are 0
+    delivered: bool  # its training reply reached the server in time
+    download_s: float
+    compute_s: float  # 0 when it never trained (offline, or out of a secure round before training)
+    upload_s: float
+    late: bool = False  # it finished after federation.round_deadline_s: its reply was not delivered
+
+    @property
+    def finish_s(self) -> float:
+        return self.download_s + self.compute_s + self.upload_s
+
+
+@dataclass(frozen=True)
+class RoundTiming:
+    """A round on the simulated clock: the slowest delivered client, or the deadline when one was cut."""
+
+    seconds: float
+    total_seconds: float  # the run's simulated time after this round
+    clients: Mapping[str, ClientTiming]  # every selected client
+
+    def row(self, *, per_client: bool) -> dict[str, Any]:
+        row: dict[str, Any] = {
+            "simulated_seconds": self.seconds,
+            "simulated_seconds_total": self.total_seconds,
+        }
+        if per_client:
+            row["client_seconds"] = {
+                cid: {
+                    "online": t.online,
+                    "delivered": t.delivered,
+                    "download_s": t.download_s,
+                    "compute_s": t.compute_s,
+                    "upload_s": t.upload_s,
+                    "finish_s": t.finish_s,
+                    "late": t.late,
+                }
+                for cid, t in self.clients.items()
+            }
+        return row
+
+
+@dataclass(frozen=True)
 class RoundResult:
     round_num: int  # 0: the evaluation before training
     selected: int
@@ -67,6 +114,7 @@ class RoundResult:
     privacy: PrivacyMetrics | None = None
     dpsgd_epsilon_max: float | None = None
     svd: SvdMetrics | None = None
+    timing: RoundTiming | None = None  # the simulated clock's, when the simulation runs one
 
     def to_row(self) -> dict[str, Any]:
         """The metrics.jsonl row."""
@@ -119,4 +167,6 @@ class RoundResult:
             row["dpsgd_epsilon_max"] = self.dpsgd_epsilon_max
         if self.svd is not None:
             row["svd_residual"] = self.svd.relative_residual
+        if self.timing is not None:
+            row |= self.timing.row(per_client=self.client_ids is not None)
         return row

@@ -19,6 +19,8 @@ class FederationConfig(Section):
     local_steps: PositiveInt = 8
     local_epochs: PositiveInt | None = None  # when set, train whole epochs instead of local_steps
     min_clients: PositiveInt = 1  # a round with fewer updates fails and leaves the adapter as it was
+    # simulation: replies the simulated clock (`round.clock`) finishes later than this are stragglers
+    round_deadline_s: float | None = Field(None, gt=0.0)
 
 
 class EvalConfig(Section):
