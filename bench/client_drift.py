@@ -3,11 +3,11 @@ Eval loss per evaluated round, bytes up, wall time, per method and seed, interle
 
 Tasks: `shakespeare` (the default job: 16 characters as they are) and `chat` (chat turns split into 16
 clients by a Dirichlet over their senders, alpha 0.1). Arms: the LoRA aggregation methods (separate =
-FedAvg, ffa, svd), the drift corrections (FedProx, SCAFFOLD, FedNova), and mixed ranks {4, 8, 16}
-(flexlora, hetlora, everyone at rank 4). Each arm is a `fedtune run` in a fresh process with the default
-config plus its overrides; the arms of one seed run back to back (A B C ..., then the next seed), so
-machine load hits them alike. Losses and bytes do not depend on load; wall time does (the load average is
-written beside it).
+FedAvg, ffa, svd), the drift corrections (FedProx, SCAFFOLD), mixed ranks {4, 8, 16} (flexlora,
+hetlora, everyone at rank 4), and mixed local steps {4, 8, 16} (FedAvg, FedNova). Each arm is a
+`fedtune run` in a fresh process with the default config plus its overrides; the arms of one seed run
+back to back (A B C ..., then the next seed), so machine load hits them alike. Losses and bytes do not depend
+on load; wall time does (the load average is written beside it).
 
     .venv/bin/python bench/client_drift.py [--task shakespeare] [--arms fedavg svd] [--seeds 0 1]
 """
@@ -28,7 +28,7 @@ TASKS = {
     "shakespeare": [],
     "chat": ["data.source='chat'", "data.partition='dirichlet'", "data.dirichlet_alpha=0.1"],
 }
-# a third of the clients at each rank, by a seeded fraction; the global adapter is at the largest
+# a third of the clients at each rank (seeded, disjoint shares; the rest at lora.rank = 16, the global's)
 MIXED_RANKS = """
 [lora]
 rank = 16
@@ -37,8 +37,17 @@ alpha = 32
 fraction = 0.3333
 rank = 4
 [[clients.profiles]]
-fraction = 0.5
+fraction = 0.3333
 rank = 8
+"""
+# a third of the clients take 4 local steps, a third 16, the rest federation.local_steps = 8
+MIXED_STEPS = """
+[[clients.profiles]]
+fraction = 0.3333
+local_steps = 4
+[[clients.profiles]]
+fraction = 0.3333
+local_steps = 16
 """
 ARMS: dict[str, tuple[list[str], str | None]] = {
     "fedavg": ([], None),
@@ -46,11 +55,11 @@ ARMS: dict[str, tuple[list[str], str | None]] = {
     "svd": (["server.lora_aggregation='svd'"], None),
     "fedprox mu=0.1": (["train.proximal_mu=0.1"], None),
     "scaffold": (["server.control_variates='scaffold'"], None),
-    "fednova": (["server.step_normalization='fednova'", "federation.local_epochs=1"], None),
-    "fedavg epochs": (["federation.local_epochs=1"], None),
     "mixed flexlora": (["server.lora_aggregation='flexlora'"], MIXED_RANKS),
     "mixed hetlora": (["server.lora_aggregation='hetlora'"], MIXED_RANKS),
     "all rank 4": (["lora.rank=4", "lora.alpha=8"], None),
+    "steps fedavg": ([], MIXED_STEPS),
+    "steps fednova": (["server.step_normalization='fednova'"], MIXED_STEPS),
 }
 
 
