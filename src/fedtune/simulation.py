@@ -5,7 +5,8 @@ Setup (data, model, the run's plan) -> loop (the round engine over the in-proces
 sum, privacy, aggregation, the failure policy and the metrics are the engine's (`fedtune.round`), the
 same code a deployment runs; only the transport differs. Virtual clients keep no model: each round's
 participants borrow the shared model, and what a client keeps between rounds (error-feedback residual,
-DP-SGD steps) is in the engine's client-state store, so memory grows with the population only by that.
+DP-SGD steps, SCAFFOLD's control) is in the engine's client-state store, so memory grows with the
+population only by that.
 """
 
 from __future__ import annotations
@@ -83,6 +84,7 @@ class Setup:
     local: LocalModel
     engine: RoundEngine
     run_dir: RunDir
+    states: ClientStateStore  # what the in-process clients keep between rounds
 
 
 def setup(
@@ -139,7 +141,7 @@ def setup(
         dp_randomness=resolved.dp_randomness,
         notify=notify,
     )
-    return Setup(config, clients, model_dir, local, engine, run_dir)
+    return Setup(config, clients, model_dir, local, engine, run_dir, states)
 
 
 def simulate(

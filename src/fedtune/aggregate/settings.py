@@ -16,6 +16,9 @@ class ServerConfig(Section):
     # separate: average LoRA's A and B factors each; ffa (FFA-LoRA, Sun et al. 2024): A stays at its shared
     # seeded init and only B trains and travels, so the mean of B_i A is exactly (mean B_i) A
     lora_aggregation: Literal["separate", "ffa"] = "separate"
+    # scaffold (Karimireddy et al. 2020, option II): a server control c and one c_i per client correct
+    # every local gradient by c - c_i; updates carry the control delta too (twice the adapter's values)
+    control_variates: Literal["none", "scaffold"] = "none"
     trim_fraction: float = Field(0.1, ge=0.0, lt=0.5)  # per side, for trimmed_mean
     optimizer: Literal["sgd", "momentum", "adam", "yogi"] = "sgd"
     lr: float = Field(1.0, gt=0.0)  # server learning rate; sgd with lr=1 is plain FedAvg

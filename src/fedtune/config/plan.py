@@ -30,6 +30,7 @@ from fedtune.round.plan import (
     WeightRule,
 )
 from fedtune.round.sampling import cohort_size, eval_members
+from fedtune.round.scaffold import ControlSpec
 from fedtune.secagg import FixedPoint
 
 
@@ -54,6 +55,15 @@ def local_work(config: Config) -> LocalWork:
     return LocalWork(steps=fed.local_steps)
 
 
+def control_spec(config: Config) -> ControlSpec | None:
+    """SCAFFOLD's public numbers (None when server.control_variates is 'none'): eta = train.lr, and the
+    scale s = eta * federation.local_steps (eta alone when clients train whole epochs)."""
+    if config.server.control_variates == "none":
+        return None
+    fed, lr = config.federation, config.train.lr
+    return ControlSpec(lr=lr, scale=lr * (fed.local_steps if fed.local_epochs is None else 1))
+
+
 def participant_spec(config: Config) -> ParticipantSpec:
     dpsgd = config.dpsgd
     return ParticipantSpec(
@@ -68,6 +78,7 @@ def participant_spec(config: Config) -> ParticipantSpec:
             if dpsgd.enabled
             else None
         ),
+        control=control_spec(config),
     )
 
 
@@ -92,9 +103,10 @@ def resolve(
         selected = min(len(population), math.ceil(cohort * (1 + config.deploy.over_selection)))
     weights = weight_rule(config)
     compression = CompressionSpec.from_config(config.compression)
-    vector_size = adapter_numel
+    control = control_spec(config)
+    vector_size = adapter_numel * (1 if control is None else 2)
     if compression.method == "randomk":
-        vector_size = num_kept(adapter_numel, compression.fraction)
+        vector_size = num_kept(vector_size, compression.fraction)
     secure = None
     if sa.enabled:
         bound = weights.bound if weights.bound is not None else largest_weight
@@ -142,5 +154,6 @@ def resolve(
         privacy=privacy,
         dpsgd=config.dpsgd.enabled,
         reproducible_graph=mode != "deploy",
+        control=control,
     )
     return Resolved(config, plan, dp, randomness, notes)

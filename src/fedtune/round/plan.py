@@ -17,6 +17,7 @@ from fedtune.compress import CompressionSpec
 from fedtune.privacy.dpsgd import record_epsilon
 from fedtune.privacy.noise import os_entropy_generator, os_entropy_rng
 from fedtune.privacy.plan import PrivacyPlan
+from fedtune.round.scaffold import ControlSpec
 from fedtune.secagg import FixedPoint, SecAggParams, default_threshold
 from fedtune.secagg.graph import resolve_neighbours
 
@@ -102,6 +103,12 @@ class RunPlan:
     privacy: PrivacyPlan | None = None
     dpsgd: bool = False
     reproducible_graph: bool = True  # SecAgg+ graph from the run seed (simulation), else from the OS
+    control: ControlSpec | None = None  # SCAFFOLD's control variates (server.control_variates); None: off
+
+    @property
+    def update_numel(self) -> int:
+        """Values in one client's update: the adapter's, twice under SCAFFOLD (delta, then control)."""
+        return self.adapter_numel * (1 if self.control is None else 2)
 
 
 @dataclass(frozen=True)
@@ -127,6 +134,7 @@ class ParticipantSpec:
     eval_examples: int  # held-out examples per evaluation
     eval_batch_size: int
     dpsgd: DpSgdAccounting | None = None
+    control: ControlSpec | None = None  # SCAFFOLD (server.control_variates); None: off
 
 
 @dataclass(frozen=True)

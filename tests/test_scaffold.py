@@ -1,0 +1,291 @@
+"""SCAFFOLD (`server.control_variates = "scaffold"`): the control update's known answers, the corrected
+trainer, the engine's split of the packed sum, zero controls giving FedAvg's first round, the server
+control against the clients' committed controls, the client state with controls, and the refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedtune.aggregate import ServerSGD, weighted_mean
+from fedtune.aggregate.aggregator import Aggregator
+from fedtune.compress import CompressionSpec
+from fedtune.config import Config, LoraSettings, TrainConfig, check, load_config
+from fedtune.data import ClientData
+from fedtune.errors import ConfigError
+from fedtune.model.adapter import FlatAdapter, attach_lora
+from fedtune.model.base import load_base_model
+from fedtune.round.engine import RoundEngine
+from fedtune.round.inprocess import InProcessTransport
+from fedtune.round.messages import (
+    ClientReport,
+    DenseUpdate,
+    EvalReport,
+    EvalRequest,
+    Submission,
+    TrainRequest,
+)
+from fedtune.round.plan import RunPlan, WeightRule
+from fedtune.round.scaffold import ControlSpec, client_step, correction, pack, server_step, split
+from fedtune.round.state import ClientState, ClientStateStore
+from fedtune.simulation import Silent, setup
+from fedtune.train.local import LocalTrainer
+from tests.test_simulation import SMALL
+
+# ---- the formulas ------------------------------------------------------------------------------------
+
+
+def test_client_step_is_option_two_on_a_hand_built_case():
+    delta = torch.tensor([0.5, -1.0])
+    server, client = torch.tensor([0.25, 0.0]), torch.tensor([0.5, 0.75])
+    step = client_step(delta, server, client, steps=2, lr=0.25)  # delta / (K eta) = [1, -2]
+    assert torch.equal(step.control, torch.tensor([-0.75, 2.75]))  # c_i - c - delta / (K eta)
+    assert torch.equal(step.delta, torch.tensor([-1.25, 2.0]))  # c_i+ - c_i
+    fresh = client_step(delta, server, None, steps=2, lr=0.25)  # no control yet: c_i = 0
+    assert torch.equal(fresh.control, fresh.delta) and torch.equal(fresh.delta, torch.tensor([-1.25, 2.0]))
+    assert torch.equal(correction(server, client), torch.tensor([-0.25, -0.75]))
+    assert torch.equal(correction(server, None), server)
+    with pytest.raises(ValueError):
+        client_step(delta, server, client, steps=0, lr=0.25)
+
+
+def test_pack_split_and_the_server_step():
+    packed = pack(torch.tensor([1.0, 2.0]), torch.tensor([4.0, -8.0]), 0.25)
+    assert torch.equal(packed, torch.tensor([1.0, 2.0, 1.0, -2.0]))
+    first, second = split(packed)
+    assert torch.equal(first, torch.tensor([1.0, 2.0])) and torch.equal(second, torch.tensor([1.0, -2.0]))
+    with pytest.raises(ValueError):
+        split(torch.zeros(3))
+    # c + (|S| / N) * mean / s: mean of s * Delta c = [0.5, -1], s = 0.5, 2 of 4 clients
+    moved = server_step(
+        torch.tensor([0.0, 1.0]),
+        torch.tensor([0.5, -1.0], dtype=torch.float64),
+        count=2,
+        population=4,
+        scale=0.5,
+    )
+    assert moved.dtype == torch.float32 and torch.equal(moved, torch.tensor([0.5, 0.0]))
+
+
+# ---- the engine, with scripted clients -----------------------------------------------------------------
+
+NUMEL = 2
+SPEC = ControlSpec(lr=0.25, scale=0.5)
+
+
+class Scripted:
+    """Sends [delta, s * Delta c] as given, and records the control its tasks carried."""
+
+    def __init__(self, cid: str, packed: list[float], examples: int) -> None:
+        self.cid, self.packed, self.examples = cid, packed, examples
+        self.controls: list[torch.Tensor | None] = []
+
+    def respond(self, message: object) -> object:
+        if isinstance(message, EvalRequest):
+            return EvalReport(self.cid, 1.0, 1)
+        assert isinstance(message, TrainRequest)
+        self.controls.append(message.task.control)
+        return Submission(
+            ClientReport(self.cid, self.examples, 1, 1.0), DenseUpdate(torch.tensor(self.packed))
+        )
+
+
+def scripted_plan(population: tuple[str, ...], cohort: int) -> RunPlan:
+    return RunPlan(
+        seed=0,
+        rounds=2,
+        population=population,
+        cohort=cohort,
+        selected=cohort,
+        min_clients=1,
+        eval_every=2,
+        eval_members=(0,),
+        weights=WeightRule(cap=100),
+        compression=CompressionSpec("none"),
+        adapter_numel=NUMEL,
+        control=SPEC,
+    )
+
+
+def test_the_engine_splits_the_packed_mean_between_the_adapter_and_the_control():
+    # every client in the cohort: |S| / N = 1/2 with 2 clients of a population of 4
+    scripts = {
+        "a": Scripted("a", [1.0, 0.0, 0.5, 1.0], 1),
+        "b": Scripted("b", [0.0, 1.0, 1.5, -1.0], 3),
+        "c": Scripted("c", [0.0, 0.0, 0.0, 0.0], 1),
+        "d": Scripted("d", [0.0, 0.0, 0.0, 0.0], 1),
+    }
+    run_plan = scripted_plan(("a", "b", "c", "d"), cohort=4)
+    engine = RoundEngine(
+        run_plan,
+        InProcessTransport(lambda m: scripts[m.client_id]),
+        Aggregator(weighted_mean, ServerSGD(1.0)),
+        torch.zeros(NUMEL),
+    )
+    result = engine.run_round(1)
+    assert result.clients == 4 and result.bytes_down == 4 * 2 * NUMEL * 4  # adapter and control, float32
+    assert all(torch.equal(s.controls[0], torch.zeros(NUMEL)) for s in scripts.values())  # c starts at 0
+    # weights 1, 3, 1, 1 (sum 6): delta mean [1/6, 3/6]; scaled control mean [(0.5 + 4.5) / 6, (1 - 3) / 6]
+    assert torch.allclose(engine.global_flat, torch.tensor([1 / 6, 0.5]))
+    expected = torch.tensor([5 / 6, -2 / 6]) / SPEC.scale * (4 / 4)
+    assert torch.allclose(engine.control, expected)
+    state = engine.state(1)
+    assert state.control is engine.control
+    engine.run_round(2)
+    assert all(torch.equal(s.controls[1], expected) for s in scripts.values())  # the next task carries c
+
+
+def test_a_partial_cohort_moves_the_control_by_its_share_of_the_population():
+    scripts = {cid: Scripted(cid, [0.0, 0.0, 1.0, -1.0], 5) for cid in "abcd"}
+    engine = RoundEngine(
+        scripted_plan(tuple("abcd"), cohort=2),
+        InProcessTransport(lambda m: scripts[m.client_id]),
+        Aggregator(weighted_mean, ServerSGD(1.0)),
+        torch.zeros(NUMEL),
+    )
+    engine.run_round(1)
+    assert torch.equal(engine.control, torch.tensor([1.0, -1.0]) / SPEC.scale * (2 / 4))
+
+
+def test_the_engine_refuses_scaffold_with_a_rule_that_is_not_a_mean():
+    from fedtune.aggregate import coordinate_median
+
+    with pytest.raises(ConfigError, match=r"server\.rule = 'fedavg'"):
+        RoundEngine(
+            scripted_plan(("a", "b"), 2),
+            InProcessTransport(lambda m: None),
+            Aggregator(coordinate_median, ServerSGD(1.0)),
+            torch.zeros(NUMEL),
+        )
+
+
+# ---- the corrected trainer ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def trainer(tiny_dir, tokenizer):
+    model = attach_lora(load_base_model(tiny_dir), LoraSettings(rank=4), torch.Generator().manual_seed(0))
+    return LocalTrainer(model, FlatAdapter(model), TrainConfig(lr=1e-2), tokenizer.pad_token_id)
+
+
+@pytest.fixture
+def client(tokenizer):
+    texts = ["To be, or not to be, that is the question."] * 6
+    ids = [tokenizer(t)["input_ids"] + [tokenizer.eos_token_id] for t in texts]
+    return ClientData("hamlet/HAMLET", train=ids[:4], eval=ids[4:])
+
+
+def test_a_zero_correction_gives_the_uncorrected_delta_bit_for_bit(trainer, client):
+    start = trainer.adapter.get()
+    plain = trainer.train(start, client, seed=3, steps=3)
+    zero = trainer.train(start, client, seed=3, steps=3, correction=torch.zeros_like(start))
+    assert plain.delta is not None and zero.delta is not None
+    assert torch.equal(plain.delta, zero.delta)
+    nudged = trainer.train(start, client, seed=3, steps=3, correction=torch.full_like(start, 0.5))
+    assert nudged.delta is not None and not torch.equal(nudged.delta, plain.delta)
+    with pytest.raises(ValueError, match="adapter's"):
+        trainer.train(start, client, seed=3, steps=1, correction=torch.zeros(3))
+
+
+def test_the_correction_is_added_to_the_gradient_before_clipping(trainer, client):
+    """With a huge constant correction the clipped gradient is (almost) the correction's direction: AdamW's
+    first step then moves every value by about -lr * sign(correction)."""
+    start = trainer.adapter.get()
+    push = torch.where(torch.arange(start.numel()) % 2 == 0, 1e6, -1e6)
+    update = trainer.train(start, client, seed=3, steps=1, correction=push)
+    assert update.delta is not None
+    assert torch.equal(torch.sign(update.delta), -torch.sign(push))
+
+
+# ---- a tiny simulation ---------------------------------------------------------------------------------
+
+
+def small(tmp_path, name: str, *overrides: str) -> Config:
+    return load_config(None, [*SMALL, "federation.rounds=2", f"run.dir={tmp_path / name}", *overrides])
+
+
+@pytest.mark.slow
+def test_round_one_is_fedavg_and_the_control_is_the_clients_mean(tmp_path):
+    plain = setup(small(tmp_path, "plain"), Silent(), lambda _m: None)
+    plain.engine.run_round(1)
+    scaffold = setup(
+        small(tmp_path, "scaffold", "server.control_variates='scaffold'"), Silent(), lambda _m: None
+    )
+    engine, states = scaffold.engine, scaffold.states
+    result = engine.run_round(1)
+    assert torch.equal(engine.global_flat, plain.engine.global_flat)  # c = c_i = 0: no correction
+    # c = (|S| / N) * weighted mean of Delta c_i, and Delta c_i = c_i+ here (c_i was 0)
+    ids = result.client_ids
+    assert ids is not None and len(ids) == 3
+    examples = {c.client_id: min(len(c.train), 48) for c in scaffold.clients}
+    weights = torch.tensor([float(examples[cid]) for cid in ids])
+    controls = torch.stack([states.get(cid).control for cid in ids])
+    expected = (weights[:, None] * controls).sum(0) / weights.sum() * (3 / 6)
+    assert torch.allclose(engine.control, expected, rtol=1e-5, atol=1e-7)
+    assert float(engine.control.abs().max()) > 0
+    # the second round: the correction is on, so it no longer matches FedAvg's
+    before = {cid: states.get(cid).control for cid in ids}
+    plain.engine.run_round(2)
+    second = engine.run_round(2)
+    assert not torch.equal(engine.global_flat, plain.engine.global_flat)
+    ids2 = second.client_ids
+    assert ids2 is not None
+    zero = torch.zeros_like(engine.control)
+    changes = torch.stack([states.get(cid).control - before.get(cid, zero) for cid in ids2])
+    weights2 = torch.tensor([float(examples[cid]) for cid in ids2])
+    moved = (weights2[:, None] * changes).sum(0) / weights2.sum() * (len(ids2) / 6)
+    assert torch.allclose(engine.control, expected + moved, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_scaffold_composes_with_ffa_lora(tmp_path):
+    config = small(tmp_path, "ffa", "server.control_variates='scaffold'", "server.lora_aggregation='ffa'")
+    s = setup(config, Silent(), lambda _m: None)
+    s.engine.run_round(1)
+    assert s.engine.control is not None and s.engine.control.numel() == s.local.adapter.numel
+    assert all("lora_B" in name for name in s.local.adapter.names)
+
+
+# ---- client state --------------------------------------------------------------------------------------
+
+
+def test_the_client_state_store_round_trips_controls_and_the_state_before():
+    store = ClientStateStore(repeatable=True)
+    first = ClientState(torch.tensor([1.0]), 2, torch.tensor([0.5, -0.5]))
+    store.commit("a", 1, first)
+    store.commit("a", 2, ClientState(None, 4, torch.tensor([0.25, 0.0])))
+    tensors, meta = store.state_dict()
+    assert set(tensors) == {"control/a", "before/residual/a", "before/control/a"}
+    again = ClientStateStore(repeatable=True)
+    again.load_state_dict(tensors, meta)
+    assert torch.equal(again.get("a").control, torch.tensor([0.25, 0.0])) and again.get("a").dpsgd_steps == 4
+    repeated = again.begin("a", 2)  # round 2 again, after a restart: from the state before it
+    assert torch.equal(repeated.control, first.control) and torch.equal(repeated.residual, first.residual)
+    assert again.nbytes == store.nbytes == (2 + 1 + 2) * 4
+
+
+# ---- refusals ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "sections,fields",
+    [
+        ({"server": {"rule": "median"}}, "server.rule = 'median'"),
+        ({"privacy": {"mode": "central", "noise_multiplier": 1.0}}, "privacy.mode = 'central'"),
+        ({"dpsgd": {"enabled": True}}, "dpsgd.enabled"),
+    ],
+)
+def test_scaffold_refuses_what_it_cannot_compose_with(sections, fields):
+    server = {"control_variates": "scaffold", **sections.pop("server", {})}
+    config = Config.model_validate({"server": server, **sections})
+    with pytest.raises(ConfigError, match=r"server\.control_variates = 'scaffold'") as refused:
+        check(config)
+    assert fields in str(refused.value) and "server.control_variates = 'none'" in str(refused.value)
+
+
+def test_dpsgd_trainer_refuses_a_correction():
+    from fedtune.train.dpsgd import DpSgdTrainer
+
+    trainer = DpSgdTrainer.__new__(DpSgdTrainer)  # the refusal comes before any state is read
+    with pytest.raises(ValueError, match="control variates"):
+        trainer.train(torch.zeros(2), ClientData("a", [], []), seed=0, steps=1, correction=torch.zeros(2))
