@@ -9,10 +9,12 @@ import torch
 
 from fedtune.aggregate import ServerSGD, weighted_mean
 from fedtune.aggregate.aggregator import Aggregator
+from fedtune.checkpoint import Checkpoint, decode_checkpoint, encode_checkpoint
 from fedtune.compress import CompressionSpec
 from fedtune.config import Config, LoraSettings, TrainConfig, check, load_config
 from fedtune.data import ClientData
-from fedtune.errors import ConfigError
+from fedtune.deploy.site_state import STATE_FILE, SiteRunIdentity, SiteStateStore, fingerprint
+from fedtune.errors import ConfigError, StateError
 from fedtune.model.adapter import FlatAdapter, attach_lora
 from fedtune.model.base import load_base_model
 from fedtune.round.engine import RoundEngine
@@ -289,3 +291,75 @@ def test_dpsgd_trainer_refuses_a_correction():
     trainer = DpSgdTrainer.__new__(DpSgdTrainer)  # the refusal comes before any state is read
     with pytest.raises(ValueError, match="control variates"):
         trainer.train(torch.zeros(2), ClientData("a", [], []), seed=0, steps=1, correction=torch.zeros(2))
+
+
+# ---- deployment: the state file, the checkpoint, the wire ------------------------------------------------
+
+
+def site_identity(**changes) -> SiteRunIdentity:
+    return SiteRunIdentity(
+        **{
+            **dict(
+                client_id="site-a", run_name="r", run_seed=1, adapter_numel=2, config_fingerprint="f" * 32
+            ),
+            **changes,
+        }
+    )
+
+
+def test_the_site_state_file_is_written_reloaded_after_a_restart_and_refused_for_another_run(tmp_path):
+    store = SiteStateStore(tmp_path, site_identity())
+    assert not (tmp_path / STATE_FILE).exists() and len(store) == 0  # nothing until a commit
+    store.commit("site-a", 1, ClientState(None, 0, torch.tensor([0.5, -0.5])))
+    store.commit("site-a", 2, ClientState(torch.tensor([1.0, 2.0]), 0, torch.tensor([0.25, 0.0])))
+    assert [p.name for p in tmp_path.iterdir()] == [STATE_FILE]  # written atomically: no temporary left
+    restarted = SiteStateStore(tmp_path, site_identity())
+    assert torch.equal(restarted.get("site-a").control, torch.tensor([0.25, 0.0]))
+    assert torch.equal(restarted.get("site-a").residual, torch.tensor([1.0, 2.0]))
+    again = restarted.begin("site-a", 2)  # the server hands round 2 out again: from the state before it
+    assert torch.equal(again.control, torch.tensor([0.5, -0.5])) and again.residual is None
+    assert torch.equal(restarted.begin("site-a", 3).control, torch.tensor([0.25, 0.0]))
+    for other in ({"run_seed": 2}, {"run_name": "s"}, {"adapter_numel": 3}, {"config_fingerprint": "0" * 32}):
+        with pytest.raises(StateError, match="belongs to another run"):
+            SiteStateStore(tmp_path, site_identity(**other))
+    with pytest.raises(StateError, match="delete it if this is a new run"):
+        SiteStateStore(tmp_path, site_identity()).begin("site-a", 1)  # a new run with the same config
+    (tmp_path / STATE_FILE).write_bytes(b"not safetensors")
+    with pytest.raises(StateError, match="corrupt"):
+        SiteStateStore(tmp_path, site_identity())
+
+
+def test_the_config_fingerprint_ignores_what_a_resumed_server_may_change():
+    base = load_config(None, [*SMALL])
+    assert fingerprint(base) == fingerprint(load_config(None, [*SMALL, "federation.rounds=9"]))
+    assert fingerprint(base) == fingerprint(load_config(None, [*SMALL, "deploy.round_timeout_s=5"]))
+    assert fingerprint(base) != fingerprint(load_config(None, [*SMALL, "train.lr=0.5"]))
+
+
+def test_a_checkpoint_keeps_the_server_control():
+    flat, control = torch.tensor([1.0, 2.0]), torch.tensor([0.5, -0.25])
+    encoded = encode_checkpoint(Checkpoint(3, flat, {}, control=control))
+    decoded = decode_checkpoint(3, *encoded, where="test")
+    assert decoded.control is not None and torch.equal(decoded.control, control)
+    assert decode_checkpoint(3, *encode_checkpoint(Checkpoint(3, flat, {})), where="t").control is None
+    with pytest.raises(StateError):
+        encode_checkpoint(Checkpoint(3, flat, {}, control=torch.zeros(3)))
+
+
+def test_the_task_carries_the_control_over_the_wire():
+    from fedtune.round.messages import TrainTask
+    from fedtune.round.plan import Member
+    from fedtune.transport import convert
+
+    task = TrainTask(4, torch.tensor([1.0, 2.0]), None, None, control=torch.tensor([0.5, -0.5]))
+    request = TrainRequest(task, Member(0, 1, "site-a"))
+    assert request.nbytes() == 4 * 4
+    header = convert.task_to_pb(request, b"n", 10.0)
+    assert header.control_numel == 2 and header.adapter_numel == 2
+    assert [t.tolist() for t in convert.task_values(request)] == [[1.0, 2.0], [0.5, -0.5]]
+    back = convert.request_from_pb(header, task.global_flat, "site-a", torch.tensor([0.5, -0.5]))
+    assert isinstance(back, TrainRequest) and torch.equal(back.task.control, task.control)
+    plain = convert.task_to_pb(
+        TrainRequest(TrainTask(4, task.global_flat, None, None), request.member), b"n", 1
+    )
+    assert plain.control_numel == 0

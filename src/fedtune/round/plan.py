@@ -136,6 +136,12 @@ class ParticipantSpec:
     dpsgd: DpSgdAccounting | None = None
     control: ControlSpec | None = None  # SCAFFOLD (server.control_variates); None: off
 
+    @property
+    def keeps_state(self) -> bool:
+        """A client of this run carries state between rounds: SCAFFOLD's control, an error-feedback
+        residual, or its DP-SGD steps."""
+        return self.control is not None or self.compression.uses_error_feedback or self.dpsgd is not None
+
 
 @dataclass(frozen=True)
 class DpRandomness:
