@@ -4,6 +4,8 @@ control against the clients' committed controls, the client state with controls,
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -147,6 +149,50 @@ def test_a_partial_cohort_moves_the_control_by_its_share_of_the_population():
     )
     engine.run_round(1)
     assert torch.equal(engine.control, torch.tensor([1.0, -1.0]) / SPEC.scale * (2 / 4))
+
+
+class Drifting(Scripted):
+    """Sends an update that depends on the control it was sent (as a corrected client's does)."""
+
+    def respond(self, message: object) -> object:
+        reply = super().respond(message)
+        if isinstance(message, TrainRequest) and isinstance(reply, Submission):
+            assert isinstance(reply.update, DenseUpdate) and message.task.control is not None
+            control = message.task.control
+            moved = reply.update.values + torch.cat([control * 0.3, -control * 0.7])
+            return Submission(reply.report, DenseUpdate(moved))
+        return reply
+
+
+def test_an_engine_resumed_from_its_checkpoint_continues_bit_identically():
+    def scripts() -> dict[str, Scripted]:
+        return {c: Drifting(c, [0.1 * k, -0.2, 0.3, 0.1 * k], k) for k, c in enumerate("abcd", 1)}
+
+    def engine_for(parts: dict[str, Scripted], **options) -> RoundEngine:
+        run_plan = replace(scripted_plan(tuple("abcd"), cohort=2), rounds=3)
+        return RoundEngine(
+            run_plan,
+            InProcessTransport(lambda m: parts[m.client_id]),
+            Aggregator(weighted_mean, ServerSGD(0.5)),
+            options.pop("global_flat", torch.zeros(NUMEL)),
+            **options,
+        )
+
+    straight = engine_for(scripts())
+    for r in (1, 2, 3):
+        straight.run_round(r)
+    first = engine_for(scripts())
+    first.run_round(1)
+    state = first.state(1)
+    encoded = encode_checkpoint(
+        Checkpoint(1, state.global_flat, state.optimizer_state, control=state.control)
+    )
+    saved = decode_checkpoint(1, *encoded, where="test")
+    resumed = engine_for(scripts(), global_flat=saved.global_flat, control=saved.control)
+    for r in (2, 3):
+        resumed.run_round(r)
+    assert torch.equal(resumed.global_flat, straight.global_flat)
+    assert torch.equal(resumed.control, straight.control) and float(straight.control.abs().max()) > 0
 
 
 def test_the_engine_refuses_scaffold_with_a_rule_that_is_not_a_mean():
