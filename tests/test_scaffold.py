@@ -30,7 +30,15 @@ from fedtune.round.messages import (
     TrainRequest,
 )
 from fedtune.round.plan import RunPlan, WeightRule
-from fedtune.round.scaffold import ControlSpec, client_step, correction, pack, server_step, split
+from fedtune.round.scaffold import (
+    ControlSpec,
+    client_step,
+    client_step_from_gradients,
+    correction,
+    pack,
+    server_step,
+    split,
+)
 from fedtune.round.state import ClientState, ClientStateStore
 from fedtune.simulation import Silent, setup
 from fedtune.train.local import LocalTrainer
@@ -243,6 +251,62 @@ def test_the_correction_is_added_to_the_gradient_before_clipping(trainer, client
     update = trainer.train(start, client, seed=3, steps=1, correction=push)
     assert update.delta is not None
     assert torch.equal(torch.sign(update.delta), -torch.sign(push))
+
+
+def reference_scaffold_steps(trainer, client, global_flat, correction, seed: int, steps: int):
+    """SCAFFOLD's local steps written out: raw gradient recorded, + (c - c_i), clipped, AdamW."""
+    from fedtune.data.batching import collate
+    from fedtune.train.local import batch_schedule
+
+    adapter = trainer.adapter
+    schedule = batch_schedule(len(client.train), 4, torch.Generator().manual_seed(seed), steps=steps)
+    adapter.load(global_flat)
+    optimizer = torch.optim.AdamW(adapter.params, lr=1e-2, weight_decay=0.0)
+    raw = torch.zeros_like(global_flat)
+    trainer.model.train()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for indices in schedule:
+            batch = collate([client.train[i] for i in indices.tolist()], trainer.pad_id)
+            trainer.model(**batch).loss.backward()
+            raw += torch.cat([p.grad.flatten() for p in adapter.params])
+            offset = 0
+            for p in adapter.params:
+                p.grad += correction[offset : offset + p.numel()].view(p.shape)
+                offset += p.numel()
+            torch.nn.utils.clip_grad_norm_(adapter.params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    trainer.model.eval()
+    return adapter.buffer - global_flat, raw / steps
+
+
+def test_the_trainer_corrects_every_step_and_reports_its_mean_raw_gradient(trainer, client):
+    start = trainer.adapter.get()
+    fix = torch.randn(start.shape, generator=torch.Generator().manual_seed(5)) * 0.01
+    got = trainer.train(start, client, seed=7, steps=3, correction=fix)
+    delta, mean_gradient = reference_scaffold_steps(trainer, client, start, fix, seed=7, steps=3)
+    assert got.delta is not None and got.mean_gradient is not None
+    assert torch.allclose(got.delta, delta, atol=1e-6, rtol=1e-5)
+    assert torch.allclose(got.mean_gradient, mean_gradient, atol=1e-6, rtol=1e-5)
+    assert float(mean_gradient.abs().max()) > 0
+    assert trainer.train(start, client, seed=7, steps=1).mean_gradient is None  # only under SCAFFOLD
+
+
+def test_the_gradient_form_of_the_client_step():
+    """c_i+ = mean raw gradient: what option II's formula gives for plain SGD steps."""
+    mean_gradient, client, server = (
+        torch.tensor([0.5, -1.0]),
+        torch.tensor([0.25, 0.25]),
+        torch.tensor([1.0, 0.0]),
+    )
+    step = client_step_from_gradients(mean_gradient, client)
+    assert torch.equal(step.control, mean_gradient) and torch.equal(step.delta, torch.tensor([0.25, -1.25]))
+    # K SGD steps y <- y - eta (g + c - c_i) with the same g every step: the formula agrees
+    steps, lr = 4, 0.125
+    delta = -steps * lr * (mean_gradient + server - client)
+    formula = client_step(delta, server, client, steps=steps, lr=lr)
+    assert torch.equal(formula.control, step.control) and torch.equal(formula.delta, step.delta)
 
 
 # ---- a tiny simulation ---------------------------------------------------------------------------------

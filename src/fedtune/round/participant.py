@@ -12,8 +12,9 @@ Every random stream a client draws from is named by the run seed, the round and 
 a client trains and encodes the same update in simulation and at its site: batch order and dropout
 (`train`), stochastic quantization (`compress`), fixed-point rounding (`secagg-rounding`). What it keeps
 between rounds (error-feedback residual, DP-SGD steps, SCAFFOLD's control c_i) is in its `ClientStateStore`.
-Under SCAFFOLD (`round.scaffold`) it trains with the correction c - c_i and encodes [delta, s * Delta c_i]
-as one vector.
+Under SCAFFOLD (`round.scaffold`) it trains with the correction c - c_i, takes c_i+ from the trainer's
+mean raw gradient (or option II's formula when the trainer reports none), and encodes
+[delta, s * Delta c_i] as one vector.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from fedtune.round.messages import (
     TrainTask,
 )
 from fedtune.round.plan import Member, ParticipantSpec
-from fedtune.round.scaffold import client_step, correction, pack
+from fedtune.round.scaffold import client_step, client_step_from_gradients, correction, pack
 from fedtune.round.state import ClientState, ClientStateStore
 from fedtune.secagg import SecAggClient
 from fedtune.secagg.messages import (
@@ -133,9 +134,12 @@ class Participant:
             return Submission(report, None)
         vector, control = update.delta, state.control
         if task.control is not None and spec.control is not None:  # SCAFFOLD: [delta, s * Delta c_i]
-            step = client_step(
-                update.delta, task.control, state.control, steps=update.num_steps, lr=spec.control.lr
-            )
+            if update.mean_gradient is not None:
+                step = client_step_from_gradients(update.mean_gradient, state.control)
+            else:
+                step = client_step(
+                    update.delta, task.control, state.control, steps=update.num_steps, lr=spec.control.lr
+                )
             vector, control = pack(update.delta, step.delta, spec.control.scale), step.control
         encoded = encode_update(
             vector,

@@ -34,6 +34,9 @@ class ClientUpdate:
     num_steps: int
     train_loss: float  # mean over the steps taken
     error: str | None = None
+    # SCAFFOLD: the mean of the raw minibatch gradients over the steps (flat, float32; before the
+    # correction, FedProx's term and clipping), reported when a correction was given; None otherwise
+    mean_gradient: torch.Tensor | None = None
 
     @property
     def ok(self) -> bool:
@@ -94,7 +97,9 @@ class Trainer(Protocol):
         correction: torch.Tensor | None = None,
     ) -> ClientUpdate:
         """`correction` (SCAFFOLD's c - c_i, flat like the adapter) is added to every step's gradient;
-        it is passed only when control variates are on, and a trainer that cannot add it must refuse."""
+        it is passed only when control variates are on, and a trainer that cannot add it must refuse.
+        With a correction a trainer should report `ClientUpdate.mean_gradient` (SCAFFOLD's c_i+); without
+        one the participant uses option II's formula, which assumes SGD steps."""
         ...
 
 
@@ -120,10 +125,13 @@ class LocalTrainer:
         correction: torch.Tensor | None = None,
     ) -> ClientUpdate:
         """Train from `global_flat` on `client.train`; `seed` fixes batch order and dropout; `correction`
-        (SCAFFOLD's c - c_i) is added to every step's gradient, before clipping."""
+        (SCAFFOLD's c - c_i) is added to every step's gradient, before clipping, and the update then
+        reports the mean raw gradient of the steps."""
         if correction is not None and correction.shape != global_flat.shape:
             raise ValueError(f"a gradient correction has the adapter's {global_flat.numel()} values")
         corrections = None if correction is None else self._views(correction)
+        gradient_sum = None if correction is None else torch.zeros_like(global_flat)
+        sums = None if gradient_sum is None else self._views(gradient_sum)
         generator = torch.Generator().manual_seed(seed)
         schedule = batch_schedule(
             len(client.train), self.cfg.batch_size, generator, steps=steps, epochs=epochs
@@ -140,6 +148,8 @@ class LocalTrainer:
                 if not torch.isfinite(loss):
                     return self._refused(client, step, losses[:step], f"non-finite loss at step {step}")
                 loss.backward()
+                if sums is not None:  # SCAFFOLD's c_i+: the raw gradients, summed in one pass
+                    torch._foreach_add_(sums, [p.grad for p in self.adapter.params])
                 if self.cfg.proximal_mu > 0:
                     self._add_proximal_gradient(global_flat)
                 if corrections is not None:  # SCAFFOLD: grad + (c - c_i), one vectorized pass
@@ -154,12 +164,16 @@ class LocalTrainer:
         delta = self.adapter.buffer - global_flat
         if not torch.isfinite(delta).all():
             return self._refused(client, len(schedule), losses, "non-finite adapter delta")
+        mean_gradient = None if gradient_sum is None else gradient_sum.div_(len(schedule))
+        if mean_gradient is not None and not torch.isfinite(mean_gradient).all():
+            return self._refused(client, len(schedule), losses, "non-finite mean gradient")
         return ClientUpdate(
             client_id=client.client_id,
             delta=delta,
             num_examples=len(client.train),
             num_steps=len(schedule),
             train_loss=float(losses.mean()),
+            mean_gradient=mean_gradient,
         )
 
     def _add_proximal_gradient(self, global_flat: torch.Tensor) -> None:
