@@ -1,8 +1,8 @@
-"""FedAvg against FedProx and FFA-LoRA on the default task (16 Shakespeare characters, non-IID as they
-are): eval loss per evaluated round, bytes up, wall time, per method and seed, interleaved.
+"""FedAvg against FedProx, FFA-LoRA and SCAFFOLD on the default task (16 Shakespeare characters, non-IID
+as they are): eval loss per evaluated round, bytes up, wall time, per method and seed, interleaved.
 
 Each arm is a `fedtune run` in a fresh process with the default config plus its overrides; the arms of
-one seed run back to back (A B C, then the next seed), so machine load hits them alike.
+one seed run back to back (A B C D, then the next seed), so machine load hits them alike.
 
     .venv/bin/python bench/client_drift.py [--seeds 0 1] [--threads 2] [--rounds 6]
 """
@@ -22,6 +22,7 @@ ARMS = {
     "fedavg": [],
     "fedprox mu=0.1": ["train.proximal_mu=0.1"],
     "ffa": ["server.lora_aggregation='ffa'"],
+    "scaffold": ["server.control_variates='scaffold'"],
 }
 
 
