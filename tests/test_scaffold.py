@@ -423,6 +423,7 @@ def test_the_site_state_file_is_written_reloaded_after_a_restart_and_refused_for
     store.commit("site-a", 1, ClientState(None, 0, torch.tensor([0.5, -0.5])))
     store.commit("site-a", 2, ClientState(torch.tensor([1.0, 2.0]), 0, torch.tensor([0.25, 0.0])))
     assert [p.name for p in tmp_path.iterdir()] == [STATE_FILE]  # written atomically: no temporary left
+    assert (tmp_path / STATE_FILE).stat().st_mode & 0o777 == 0o600  # derived from the site's data
     restarted = SiteStateStore(tmp_path, site_identity())
     assert torch.equal(restarted.get("site-a").control, torch.tensor([0.25, 0.0]))
     assert torch.equal(restarted.get("site-a").residual, torch.tensor([1.0, 2.0]))

@@ -4,9 +4,10 @@ What a client carries from round to round (SCAFFOLD's control c_i, the error-fee
 steps) lives in its `ClientStateStore`; at a site that store is a `SiteStateStore`, which writes itself to
 `client_state.safetensors` in the site's folder after every commit and reads it back when the site starts.
 The write is atomic (a temporary file in the same folder, fsynced, then `os.replace`): a crash leaves the
-old file or the new one, never half of one. The file holds the latest state and the one from before the
-last round (the store is repeatable), so a round the server hands out again after either end restarted
-starts from the same state and yields the same update.
+old file or the new one, never half of one. The file is the owner's only (0600, as `tempfile.mkstemp`
+creates it): its values derive from the site's data. It holds the latest state and the one from before
+the last round (the store is repeatable), so a round the server hands out again after either end
+restarted starts from the same state and yields the same update.
 
 The file says whose it is: the client id, the run's name and seed, the adapter's size, and a fingerprint
 of the run's config without the keys `fedtune server --resume` may change (`deploy.resume`), so the file

@@ -103,7 +103,9 @@ class RoundEngine:
                 "clients' control deltas, outside any privacy accounting: use server.rule = 'fedavg' with "
                 "privacy.mode = 'off' and dpsgd.enabled = false, or server.control_variates = 'none'"
             )
-        if control is not None and (plan.control is None or control.shape != (plan.adapter_numel,)):
+        if control is not None and (
+            plan.control is None or control.shape != (plan.adapter_numel,) or control.dtype != torch.float32
+        ):
             raise ValueError("a server control needs SCAFFOLD on and one float32 value per adapter value")
         self.plan = plan
         self.transport = transport

@@ -44,7 +44,9 @@ gradient g + c - c_i is normalized by Adam like any gradient (the common practic
 optimizers), so the correction removes drift in the gradient's direction, not in the step's size. A
 client's c_i+ is computed exactly; the server's c is updated with what arrived of the Delta c_i, so under
 lossy compression c only approximates the mean of the c_i (error feedback carries the difference into
-later rounds).
+later rounds). A client whose update never joins a sum (a straggler, a refused update, a failed or aborted
+round) keeps its c_i+ all the same, while c does not move: c then lags the mean of the c_i, a stale
+estimate the correction tolerates, not a broken invariant.
 """
 
 from __future__ import annotations
