@@ -474,3 +474,14 @@ def test_the_task_carries_the_control_over_the_wire():
         TrainRequest(TrainTask(4, task.global_flat, None, None), request.member), b"n", 1
     )
     assert plain.control_numel == 0
+
+
+def test_the_control_scale_is_public_eta_times_the_local_steps():
+    from fedtune.config.plan import control_spec, participant_spec
+
+    assert control_spec(load_config(None, [*SMALL])) is None
+    steps = control_spec(load_config(None, [*SMALL, "server.control_variates='scaffold'"]))
+    assert steps == ControlSpec(lr=0.05, scale=0.05 * 6)
+    epochs = load_config(None, [*SMALL, "server.control_variates='scaffold'", "federation.local_epochs=2"])
+    assert control_spec(epochs) == ControlSpec(lr=0.05, scale=0.05)  # K differs per client: eta alone
+    assert participant_spec(epochs).control == control_spec(epochs) and participant_spec(epochs).keeps_state
