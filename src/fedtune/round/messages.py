@@ -1,9 +1,9 @@
 """What crosses a transport between the round engine and a participant: plain frozen dataclasses.
 
 Server to client: a `TrainRequest` (the round's `TrainTask`: the global adapter, SCAFFOLD's server control
-when it is on, and how to encode; and the
-client's `Member` entry), a `SecureTrainRequest` (the same, opening a SecAgg+ round, whose later messages
-are the protocol's own dataclasses in `secagg.messages`), an `EvalRequest`. Client to server: a
+when it is on, and how to encode; and the client's `Member` entry), a `SecureTrainRequest` (the same,
+opening a SecAgg+ round, whose later messages are the protocol's own dataclasses in `secagg.messages`), an
+`EvalRequest`. Client to server: a
 `Submission` (a `ClientReport` and the update as it travels: dense float32, compressed payload bytes,
 masked words, or nothing when the client refused its own update), an `EvalReport`, or a SecAgg+ message.
 Every message knows its size in bytes (`nbytes`), which is what the round's `bytes_up` and `bytes_down`
