@@ -145,8 +145,8 @@ def evaluate_then_vanish(target: str, site_certs: Path, data: Path) -> None:
         if not isinstance(found, tuple):
             time.sleep(0.05)
             continue
-        task, flat = found
-        request = convert.request_from_pb(task, flat, client_id)
+        task, flat, control = found
+        request = convert.request_from_pb(task, flat, client_id, control)
         calls = RoundCalls(stub, reply.session, task, site.chunk_bytes)
         if isinstance(request, EvalRequest):
             calls.send(site.participant.respond(request))  # type: ignore[arg-type]

@@ -210,14 +210,23 @@ def _adapter(run_dir: Path) -> dict:
     return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
 
 
-@pytest.mark.parametrize("kill_when", ["submitted"])
-def test_server_killed_mid_round_resumes_to_the_same_adapter(tmp_path: Path, kill_when: str) -> None:
+@pytest.mark.parametrize(
+    "kill_when,extra",
+    [("submitted", ()), ("submitted", ("server.control_variates='scaffold'",))],
+    ids=["fedavg", "scaffold"],
+)
+def test_server_killed_mid_round_resumes_to_the_same_adapter(
+    tmp_path: Path, kill_when: str, extra: tuple[str, ...]
+) -> None:
+    """SCAFFOLD: the server control comes back from the checkpoint, and each site repeats the round in
+    flight from the state it kept before it (its control and residual)."""
     overrides = (
         "federation.rounds=4",
         "server.optimizer='adam'",
         "server.lr=0.01",
         "compression.method='quantize'",
         "compression.bits=8",
+        *extra,
     )
     with deployment(tmp_path / "a", *overrides) as ctx:
         server = start_all(ctx, tmp_path / "a")

@@ -120,14 +120,14 @@ def test_an_update_in_the_clear_is_refused_in_a_secure_round(tmp_path: Path) -> 
         while time.monotonic() < deadline:
             found = get_task(stub, session, 3584)
             if isinstance(found, tuple) and found[0].kind == pb.TASK_EVALUATE:  # round 0: evaluate first
-                task, _ = found
+                task, _, _ = found
                 RoundCalls(stub, session, task, 1 << 20).send(EvalReport("site-a", 1.0, 10))
                 continue
             if isinstance(found, tuple):
                 break
             time.sleep(0.05)
         assert isinstance(found, tuple)
-        task, global_flat = found
+        task, global_flat, _ = found
         header = pb.UpdateHeader(
             session=session,
             round=task.round,

@@ -5,7 +5,8 @@ client, loaded as each site loads its own) and once as a deployment (a real gRPC
 on loopback, one thread per site running `fedtune client`'s code). The global adapters must be
 bit-identical, and every metric row the same, key for key and value for value, timings aside: plain
 FedAvg with a server optimizer, secure aggregation with a client that vanishes after sharing its keys,
-8-bit compression with error feedback, and central DP with the noise generator injected into both.
+8-bit compression with error feedback, central DP with the noise generator injected into both, and
+SCAFFOLD (clients keeping their controls over rounds; and through secure aggregation).
 DP-SGD and distributed DP, whose noise a site draws from its own OS, are compared on what is
 deterministic: their privacy accounting.
 """
@@ -249,3 +250,36 @@ def test_svd_aggregation_in_slot_order_whatever_the_arrival(tmp_path: Path) -> N
     same_rows(sim_rows, dep_rows)
     same_adapter(sim_adapter, dep_adapter)
     assert all(0 < r["svd_residual"] < 1 for r in dep_rows[1:])
+
+
+def test_scaffold_over_rounds_where_clients_keep_their_controls(tmp_path: Path) -> None:
+    config = config_for(tmp_path, "scaffold", "federation.rounds=3", "server.control_variates='scaffold'")
+    sim_rows, sim_adapter = simulated(config)
+    dep_rows, dep_adapter = deployed(config)
+    same_rows(sim_rows, dep_rows)
+    same_adapter(sim_adapter, dep_adapter)
+    numel = sum(t.numel() for t in dep_adapter.values())
+    # the task carries the control after the adapter, the update its control delta after the delta
+    assert all(r["bytes_down"] == r["bytes_up"] == 3 * 2 * numel * 4 for r in dep_rows[1:])
+    trained = set().union(*(r["client_ids"] for r in dep_rows[1:]))
+    assert len(trained) == 4  # so some client kept a control from an earlier round
+    for site in SITES:  # each site kept its control in its folder
+        assert (tmp_path / "certs" / "clients" / site / "client_state.safetensors").is_file()
+
+
+def test_scaffold_with_secure_aggregation(tmp_path: Path) -> None:
+    config = config_for(
+        tmp_path,
+        "scaffold-secure",
+        "federation.rounds=2",
+        "federation.clients_per_round=4",
+        "server.control_variates='scaffold'",
+        "secure_aggregation.enabled=true",
+        "secure_aggregation.clip_range=1.0",
+        "secure_aggregation.bits=20",
+    )
+    sim_rows, sim_adapter = simulated(config)
+    dep_rows, dep_adapter = deployed(config)
+    same_rows(sim_rows, dep_rows)
+    same_adapter(sim_adapter, dep_adapter)
+    assert dep_rows[2]["secagg_survivors"] == [4, 4, 4, 4] and dep_rows[2]["round_failed"] is None

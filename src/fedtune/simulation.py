@@ -5,10 +5,10 @@ Setup (data, model, the run's plan) -> loop (the round engine over the in-proces
 sum, privacy, aggregation, the failure policy and the metrics are the engine's (`fedtune.round`), the
 same code a deployment runs; only the transport differs. Virtual clients keep no model: each round's
 participants borrow the shared model, and what a client keeps between rounds (error-feedback residual,
-DP-SGD steps) is in the engine's client-state store, so memory grows with the population only by that.
-With `[clients]` profiles or `federation.round_deadline_s`, the in-process transport runs under the
-simulated clock (`round.clock`), each client trains its profile's local steps, and each round's result
-carries the clock's timing.
+DP-SGD steps, SCAFFOLD's control) is in the engine's client-state store, so memory grows with the
+population only by that. With `[clients]` profiles or `federation.round_deadline_s`, the in-process
+transport runs under the simulated clock (`round.clock`), each client trains its profile's local steps,
+and each round's result carries the clock's timing.
 """
 
 from __future__ import annotations
@@ -88,6 +88,7 @@ class Setup:
     local: LocalModel
     engine: RoundEngine
     run_dir: RunDir
+    states: ClientStateStore  # what the in-process clients keep between rounds
     clock: SimulatedClock | None = None  # with [clients] profiles or federation.round_deadline_s
 
 
@@ -152,7 +153,7 @@ def setup(
         dp_randomness=resolved.dp_randomness,
         notify=notify,
     )
-    return Setup(config, clients, model_dir, local, engine, run_dir, clock)
+    return Setup(config, clients, model_dir, local, engine, run_dir, states, clock)
 
 
 def simulate(

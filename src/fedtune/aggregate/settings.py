@@ -23,6 +23,9 @@ class ServerConfig(Section):
     # fednova (Wang et al. 2020): each client sends its delta per local step, and the round's mean is
     # scaled back by the mean number of steps, so a client that took more steps does not pull harder
     step_normalization: Literal["none", "fednova"] = "none"
+    # scaffold (Karimireddy et al. 2020, option II): a server control c and one c_i per client correct
+    # every local gradient by c - c_i; updates carry the control delta too (twice the adapter's values)
+    control_variates: Literal["none", "scaffold"] = "none"
     trim_fraction: float = Field(0.1, ge=0.0, lt=0.5)  # per side, for trimmed_mean
     optimizer: Literal["sgd", "momentum", "adam", "yogi"] = "sgd"
     lr: float = Field(1.0, gt=0.0)  # server learning rate; sgd with lr=1 is plain FedAvg

@@ -44,6 +44,8 @@ def check(
         _check_privacy(config, population)
     if config.secure_aggregation.enabled:
         _check_secure_aggregation(config, mode, population, max_weight)
+    if config.server.control_variates != "none":
+        _check_control_variates(config)
     _check_deploy_lists(config)
     return check_composable(
         CompressionSpec.from_config(config.compression),
@@ -296,6 +298,42 @@ def _check_secure_aggregation(
         weight = cap
     if weight is not None:
         check_overflow(cohort, weight, sa.bits, sa.clip_range)
+
+
+def _check_control_variates(config: Config) -> None:
+    """SCAFFOLD moves the server control by a weighted mean of the clients' control deltas."""
+    cv, rule = config.server.control_variates, config.server.rule
+    if rule != "fedavg":
+        raise ConfigError(
+            f"server.control_variates = {cv!r} with server.rule = {rule!r}: the server control moves by the "
+            "weighted mean of the clients' control deltas, and a robust rule has no mean to pair it with; "
+            "use server.rule = 'fedavg' or server.control_variates = 'none'"
+        )
+    if config.privacy.mode != "off":
+        raise ConfigError(
+            f"server.control_variates = {cv!r} with privacy.mode = {config.privacy.mode!r}: the control "
+            "deltas are a second release of each client's data that the DP accountant does not cover; set "
+            "privacy.mode = 'off' or server.control_variates = 'none'"
+        )
+    if config.dpsgd.enabled:
+        raise ConfigError(
+            f"server.control_variates = {cv!r} with dpsgd.enabled: DP-SGD's accountant does not cover the "
+            "control variates (and its trainer does not add their correction); set dpsgd.enabled = false "
+            "or server.control_variates = 'none'"
+        )
+    method = config.server.lora_aggregation
+    if method in ("svd", "flexlora", "hetlora"):
+        raise ConfigError(
+            f"server.control_variates = {cv!r} with server.lora_aggregation = {method!r}: the controls are "
+            "averaged in the adapter's coordinates, which this aggregation re-factors or re-weights by "
+            "rank; use server.lora_aggregation = 'separate' or 'ffa' with SCAFFOLD"
+        )
+    if config.server.step_normalization != "none":
+        raise ConfigError(
+            f"server.control_variates = {cv!r} with server.step_normalization = "
+            f"{config.server.step_normalization!r}: both correct for unequal local work, in ways not "
+            "designed to compose; choose one"
+        )
 
 
 def _check_deployment(config: Config) -> None:

@@ -32,6 +32,7 @@ from fedtune.round.plan import (
 )
 from fedtune.round.profiles import ClientProfile, client_ranks, resolve_profiles
 from fedtune.round.sampling import cohort_size, eval_members
+from fedtune.round.scaffold import ControlSpec
 from fedtune.secagg import FixedPoint
 
 
@@ -57,6 +58,15 @@ def local_work(config: Config) -> LocalWork:
     return LocalWork(steps=fed.local_steps)
 
 
+def control_spec(config: Config) -> ControlSpec | None:
+    """SCAFFOLD's public numbers (None when server.control_variates is 'none'): eta = train.lr, and the
+    scale s = eta * federation.local_steps (eta alone when clients train whole epochs)."""
+    if config.server.control_variates == "none":
+        return None
+    fed, lr = config.federation, config.train.lr
+    return ControlSpec(lr=lr, scale=lr * (fed.local_steps if fed.local_epochs is None else 1))
+
+
 def participant_spec(config: Config) -> ParticipantSpec:
     dpsgd = config.dpsgd
     return ParticipantSpec(
@@ -72,6 +82,7 @@ def participant_spec(config: Config) -> ParticipantSpec:
             else None
         ),
         normalize_steps=config.server.step_normalization == "fednova",
+        control=control_spec(config),
     )
 
 
@@ -98,9 +109,10 @@ def resolve(
         selected = min(len(population), math.ceil(cohort * (1 + config.deploy.over_selection)))
     weights = weight_rule(config)
     compression = CompressionSpec.from_config(config.compression)
-    vector_size = adapter_numel
+    control = control_spec(config)
+    vector_size = adapter_numel * (1 if control is None else 2)
     if compression.method == "randomk":
-        vector_size = num_kept(adapter_numel, compression.fraction)
+        vector_size = num_kept(vector_size, compression.fraction)
     secure = None
     if sa.enabled:
         bound = weights.bound if weights.bound is not None else largest_weight
@@ -151,5 +163,6 @@ def resolve(
         normalize_steps=config.server.step_normalization == "fednova",
         layout=layout,
         ranks=client_ranks(profiles, population, config.lora.rank),
+        control=control,
     )
     return Resolved(config, plan, dp, randomness, notes, profiles)

@@ -6,9 +6,9 @@ report; tell the sites the run is done). There is no round logic here: sampling,
 aggregation, the failure policy and the metrics are the engine's, the same code a simulation runs.
 
 Every round is committed in one transaction with its checkpoint (global adapter, server optimizer state,
-DP accountant, the largest DP-SGD epsilon reported), so `--resume` after a kill repeats at most the round
-in flight and ends with the same adapter as an uninterrupted run. `metrics.jsonl` is rewritten from the
-state file on resume, so it never holds a round twice.
+DP accountant, the largest DP-SGD epsilon reported, SCAFFOLD's server control), so `--resume` after a kill
+repeats at most the round in flight and ends with the same adapter as an uninterrupted run.
+`metrics.jsonl` is rewritten from the state file on resume, so it never holds a round twice.
 """
 
 from __future__ import annotations
@@ -190,7 +190,7 @@ class _Server:
         layout = local.adapter.layout
         self.layout_recorded = layout.describe()
         aggregator = make_aggregator(config.server, layout=layout, rule=rule, server_opt=server_opt)
-        global_flat, first, dpsgd_max = local.adapter.get(), 0, None
+        global_flat, first, dpsgd_max, control = local.adapter.get(), 0, None, None
         if not resume:
             store.start_run(to_toml(config))
             run_dir.create(config)
@@ -209,6 +209,7 @@ class _Server:
                         "[lora] settings, or start a new run.dir"
                     )
                 global_flat, first = checkpoint.global_flat, checkpoint.round_num + 1
+                control = checkpoint.control if resolved.plan.control is not None else None
                 aggregator.server_opt.load_state_dict(checkpoint.optimizer_state)
                 dpsgd_max = extra.get("dpsgd_epsilon_max")
                 self.eval_before = dict(extra.get("eval_before") or {})
@@ -234,7 +235,7 @@ class _Server:
         chunk_bytes = dep.chunk_kib * 1024
         service = FederationService(
             coordinator,
-            adapter_numel=numel,
+            adapter_numel=resolved.plan.update_numel,  # an update's values: 2x the adapter's under SCAFFOLD
             max_update_bytes=int(dep.max_update_mib * 2**20),
             chunk_bytes=chunk_bytes,
             insecure=insecure,
@@ -270,6 +271,7 @@ class _Server:
             dp=resolved.dp,
             dp_randomness=resolved.dp_randomness,
             dpsgd_epsilon_max=dpsgd_max,
+            control=control,
             notify=self.notify,
         )
         results: list[RoundResult] = []
@@ -308,7 +310,12 @@ class _Server:
             "eval_after": self.eval_after,
         }
         checkpoint = Checkpoint(
-            result.round_num, state.global_flat, state.optimizer_state, state.dp_state, extra=extra
+            result.round_num,
+            state.global_flat,
+            state.optimizer_state,
+            state.dp_state,
+            extra=extra,
+            control=state.control,
         )
         if result.round_num == 0:
             self.store.open_round(0, [])

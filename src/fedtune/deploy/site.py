@@ -1,6 +1,6 @@
 """`fedtune client`: one site's process. It connects out to the server, trains on its own file when
 selected, evaluates the global adapter when asked, and keeps its client state (error-feedback residual,
-DP-SGD steps) to itself.
+DP-SGD steps, SCAFFOLD's control) to itself: in its folder (`site_state`), across its restarts.
 
 Join (the server sends the run's config) -> load the model and the site's file once (`load_site`, the
 same steps a simulation of this site's folder takes) -> the round engine's `Participant`, answering
@@ -16,6 +16,7 @@ from pathlib import Path
 from fedtune.config import Config, load_config_text
 from fedtune.config.plan import participant_spec
 from fedtune.data import load_site
+from fedtune.deploy.site_state import SiteRunIdentity, SiteStateStore
 from fedtune.errors import DataError
 from fedtune.local import load_model, make_trainer, tokenizer_for, torch_threads
 from fedtune.pki import common_name, load_identity
@@ -27,18 +28,26 @@ from fedtune.transport.site_driver import ClientError, ClientResult, SiteRun, ta
 from fedtune.transport.site_tls import diagnose, preflight
 
 
-def build_site(config: Config, data_path: Path, text_field: str, client_id: str) -> SiteRun:
+def build_site(
+    config: Config, data_path: Path, text_field: str, client_id: str, *, state_dir: Path | None = None
+) -> SiteRun:
     """What the site builds once it knows the run: its data first (a bad file fails before the model
-    loads), then the model, the trainer and the participant."""
+    loads), then the model, the trainer and the participant. `state_dir`: the folder its client state is
+    kept in across restarts, when the run gives clients state to keep (`site_state`; a state file from
+    another run is refused); None: in memory only."""
     model_dir, tokenizer = tokenizer_for(config)
     data = load_site(data_path, config.data, client_id, tokenizer, config.run.seed, text_field)
     local = load_model(config, model_dir, tokenizer.pad_token_id)
+    spec = participant_spec(config)
+    states = ClientStateStore(repeatable=True)
+    if state_dir is not None and spec.keeps_state:
+        states = SiteStateStore(state_dir, SiteRunIdentity.of(config, client_id, local.adapter.numel))
     participant = Participant(
         data,
         local,
         make_trainer(config, local),
-        ClientStateStore(repeatable=True),
-        participant_spec(config),
+        states,
+        spec,
         noise_rng=os_entropy_rng(),
     )
     return SiteRun(participant, local.adapter.numel, config.deploy.chunk_kib * 1024, len(data.train))
@@ -55,11 +64,13 @@ def run_client(
     notify: Callable[[str], None] = lambda _msg: None,
     show: Callable[[str], None] = lambda _state: None,
     preflight_done: bool = False,
+    state_dir: Path | None = None,
 ) -> ClientResult:
     """Take part in the server's run until it is done. `certs` is the site's folder from
     `fedtune certs issue` (None: plaintext, `client_id` names the client; for tests only). The folder is
     checked before connecting (`preflight`, unless the caller did: `preflight_done`), and a refused TLS
-    handshake ends the site at once with the reason."""
+    handshake ends the site at once with the reason. The client state is kept in `state_dir`, by default
+    the `certs` folder (plaintext without one: in memory only)."""
     server = server_address(server)
     if not preflight_done:  # the folder checked and one handshake, before anything loads
         preflight(server, certs)
@@ -70,13 +81,13 @@ def run_client(
     if not data_path.is_file():
         raise DataError(f"--data {str(data_path)!r} not found; pass the site's .jsonl, .csv or .parquet file")
     stub = Stub(open_channel(server, certs))
-    cid = client_id
+    cid, folder = client_id, state_dir if state_dir is not None else certs
     with ExitStack() as threads:  # the run's torch threads while the site takes part, restored after
 
         def build(config_toml: str) -> SiteRun:
             config = load_config_text(config_toml, "the server's config")
             threads.enter_context(torch_threads(config.run.threads))
-            return build_site(config, data_path, text_field, cid)
+            return build_site(config, data_path, text_field, cid, state_dir=folder)
 
         return take_part(
             stub,

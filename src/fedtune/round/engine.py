@@ -5,8 +5,10 @@ Per round: draw the cohort (`sampling`), open the round on the transport, hand e
 clear) or run SecAgg+ through the transport (`secure`), then on the sum: noise (central DP; a distributed
 sum already holds it) -> rule (the weighted mean over the public or summed denominator, or a rule over
 every update) -> server optimizer, or a product-space merge (`server.lora_aggregation = "svd"`) over every
-update. After every `eval.every` rounds, and after the round a run ends with, the new global adapter
-is evaluated by the evaluation clients (a second exchange, `Purpose.EVALUATE`).
+update. Under SCAFFOLD (`round.scaffold`) the task carries the server control c, an update is
+[delta, s * Delta c_i], and the sum's second half moves c. After every `eval.every` rounds, and after the
+round a run ends with, the new global adapter is evaluated by the evaluation clients (a second exchange,
+`Purpose.EVALUATE`).
 
 Policy, one rule for both modes:
 - weights: `WeightRule` (training examples capped at `data.max_examples_per_client`; 1 under DP);
@@ -41,6 +43,7 @@ from fedtune.round.messages import ClientReport, EvalReport, EvalRequest, TrainR
 from fedtune.round.plan import DpRandomness, Member, RunPlan
 from fedtune.round.results import EvalSummary, RoundResult, SecAggMetrics, SvdMetrics
 from fedtune.round.sampling import draw_cohort
+from fedtune.round.scaffold import server_step, split
 from fedtune.round.secure import run_secure_round
 from fedtune.round.transport import Exchange, Phase, Purpose, Transport
 from fedtune.seeding import derive_seed
@@ -55,6 +58,7 @@ class EngineState:
     optimizer_state: dict[str, torch.Tensor]
     dp_state: dict[str, Any] | None
     dpsgd_epsilon_max: float | None
+    control: torch.Tensor | None = None  # SCAFFOLD's server control c (float32); None: off
 
 
 @dataclass(frozen=True, eq=False)
@@ -82,9 +86,11 @@ class RoundEngine:
         dp: ClientLevelDp | None = None,
         dp_randomness: DpRandomness | None = None,
         dpsgd_epsilon_max: float | None = None,
+        control: torch.Tensor | None = None,
         notify: Callable[[str], None] = lambda _msg: None,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
+        """`control`: SCAFFOLD's server control to resume from (a checkpoint's); zeros by default."""
         if (plan.secure is not None or plan.privacy is not None) and not aggregator.linear:
             raise ConfigError(
                 "this aggregation rule needs every client's update, but secure aggregation reveals only "
@@ -95,6 +101,16 @@ class RoundEngine:
             raise ValueError("a DP plan needs its ClientLevelDp state, and only a DP plan has one")
         if dp is not None and dp_randomness is None:
             raise ValueError("client-level DP draws its cohorts from a DpRandomness (the OS outside tests)")
+        if plan.control is not None and (not aggregator.linear or plan.privacy is not None or plan.dpsgd):
+            raise ConfigError(
+                "server.control_variates = 'scaffold' moves the server control by the weighted mean of the "
+                "clients' control deltas, outside any privacy accounting: use server.rule = 'fedavg' with "
+                "privacy.mode = 'off' and dpsgd.enabled = false, or server.control_variates = 'none'"
+            )
+        if control is not None and (
+            plan.control is None or control.shape != (plan.adapter_numel,) or control.dtype != torch.float32
+        ):
+            raise ValueError("a server control needs SCAFFOLD on and one float32 value per adapter value")
         self.plan = plan
         self.transport = transport
         self.aggregator = aggregator
@@ -104,6 +120,9 @@ class RoundEngine:
         self.dpsgd_epsilon_max = (
             dpsgd_epsilon_max if dpsgd_epsilon_max is not None else (0.0 if plan.dpsgd else None)
         )
+        self.control = control
+        if plan.control is not None and control is None:
+            self.control = torch.zeros(plan.adapter_numel, dtype=torch.float32)
         self.notify = notify
         self.clock = clock
         self.notes: list[str] = []
@@ -132,6 +151,7 @@ class RoundEngine:
             self.aggregator.server_opt.state_dict(),
             None if self.dp is None else self.dp.state_dict(),
             self.dpsgd_epsilon_max,
+            self.control,
         )
 
     def initial(self) -> RoundResult:
@@ -197,6 +217,7 @@ class RoundEngine:
             self.global_flat,
             clip_l2_norm=None if self.dp is None else self.dp.client_clip_l2_norm,
             shared_seed=self._shared_seed(round_num),
+            control=self.control,
         )
         self.transport.open_round(round_num, Purpose.TRAIN, members)
         collected: _Collected | None = None
@@ -212,6 +233,8 @@ class RoundEngine:
             assert updates is not None
             if self.dp is not None:
                 updates, privacy = self._privatize(updates, collected)
+            if self.plan.control is not None:
+                updates = self._move_control(updates)
             merged = self.aggregator.aggregate(
                 self.global_flat, updates, self._step_scale(collected), self._contributors(collected, members)
             )
@@ -298,7 +321,7 @@ class RoundEngine:
         target = plan.cohort if plan.selected > plan.cohort else None
         coordinates = self._coordinates(members)
         collection = PlainCollection(
-            numel=plan.adapter_numel,
+            numel=plan.update_numel,
             weights=plan.weights,
             linear=self.aggregator.linear,
             shared_seed=task.shared_seed,
@@ -340,7 +363,7 @@ class RoundEngine:
             members,
             task,
             secure,
-            numel=plan.adapter_numel,
+            numel=plan.update_numel,
             compression=plan.compression,
             graph_seed=graph_seed,
             noise_variance=0.0 if distributed is None else distributed.client_variance,
@@ -374,6 +397,23 @@ class RoundEngine:
                 "adapter is left as it was"
             )
         return None
+
+    def _move_control(self, updates: SummedUpdates | StackedUpdates) -> SummedUpdates:
+        """SCAFFOLD: c <- c + (|S| / N) mean(Delta c_i) from the sum's second half; the first half is the
+        round's delta sum, returned for the rule and the server optimizer."""
+        spec, control = self.plan.control, self.control
+        assert spec is not None and control is not None and isinstance(updates, SummedUpdates)
+        deltas, controls = split(updates.total)
+        if updates.denominator <= 0:
+            raise ValueError("the sum's denominator must be positive")
+        self.control = server_step(
+            control,
+            controls / updates.denominator,
+            count=updates.count,
+            population=len(self.plan.population),
+            scale=spec.scale,
+        )
+        return SummedUpdates(deltas, updates.denominator, updates.count)
 
     def _privatize(
         self, updates: SummedUpdates | StackedUpdates, collected: _Collected

@@ -1,8 +1,9 @@
 """What crosses a transport between the round engine and a participant: plain frozen dataclasses.
 
-Server to client: a `TrainRequest` (the round's `TrainTask`: the global adapter and how to encode; and the
-client's `Member` entry), a `SecureTrainRequest` (the same, opening a SecAgg+ round, whose later messages
-are the protocol's own dataclasses in `secagg.messages`), an `EvalRequest`. Client to server: a
+Server to client: a `TrainRequest` (the round's `TrainTask`: the global adapter, SCAFFOLD's server control
+when it is on, and how to encode; and the client's `Member` entry), a `SecureTrainRequest` (the same,
+opening a SecAgg+ round, whose later messages are the protocol's own dataclasses in `secagg.messages`), an
+`EvalRequest`. Client to server: a
 `Submission` (a `ClientReport` and the update as it travels: dense float32, compressed payload bytes,
 masked words, or nothing when the client refused its own update), an `EvalReport`, or a SecAgg+ message.
 Every message knows its size in bytes (`nbytes`), which is what the round's `bytes_up` and `bytes_down`
@@ -31,9 +32,11 @@ class TrainTask:
     global_flat: torch.Tensor  # float32, the adapter to start from
     clip_l2_norm: float | None  # client-level DP: clip the update to this L2 norm; None: no clipping
     shared_seed: bytes | None  # random-k: the round's coordinate seed
+    control: torch.Tensor | None = None  # SCAFFOLD: the server's control variate c (float32, adapter size)
 
     def nbytes(self) -> int:
-        return self.global_flat.numel() * FLOAT32_BYTES
+        control = 0 if self.control is None else self.control.numel()
+        return (self.global_flat.numel() + control) * FLOAT32_BYTES
 
 
 @dataclass(frozen=True, eq=False)
@@ -93,7 +96,7 @@ class ClientReport:
 
 @dataclass(frozen=True, eq=False)
 class DenseUpdate:
-    """An update as float32 values, one per adapter value."""
+    """An update as float32 values, one per adapter value (two under SCAFFOLD: delta, then control)."""
 
     values: torch.Tensor
 

@@ -11,9 +11,12 @@
 Every random stream a client draws from is named by the run seed, the round and its population index, so
 a client trains and encodes the same update in simulation and at its site: batch order and dropout
 (`train`), stochastic quantization (`compress`), fixed-point rounding (`secagg-rounding`). What it keeps
-between rounds (error-feedback residual, DP-SGD steps) is in its `ClientStateStore`. Under FedNova
-(`normalize_steps`) the update it encodes is its delta per local step; a client of a lower rank than the
-adapter's (`spec.rank`) trains the first components of the global adapter, zero-padded (HetLoRA, FlexLoRA).
+between rounds (error-feedback residual, DP-SGD steps, SCAFFOLD's control c_i) is in its `ClientStateStore`.
+Under SCAFFOLD (`round.scaffold`) it trains with the correction c - c_i, takes c_i+ from the trainer's
+mean raw gradient (or option II's formula when the trainer reports none), and encodes
+[delta, s * Delta c_i] as one vector. Under FedNova (`normalize_steps`) the update it encodes is its delta
+per local step; a client of a lower rank than the adapter's (`spec.rank`) trains the first components of
+the global adapter, zero-padded (HetLoRA, FlexLoRA).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from fedtune.round.messages import (
     TrainTask,
 )
 from fedtune.round.plan import Member, ParticipantSpec
+from fedtune.round.scaffold import client_step, client_step_from_gradients, correction, pack
 from fedtune.round.state import ClientState, ClientStateStore
 from fedtune.secagg import SecAggClient
 from fedtune.secagg.messages import (
@@ -115,6 +119,9 @@ class Participant:
         """Train from the task's adapter and encode the update; `masking(weight)` makes it a masked input."""
         seed, spec = self.spec.seed, self.spec
         state = self.states.begin(self.client_id, task.round_num)
+        if (task.control is None) != (spec.control is None):
+            raise ParticipantError("SCAFFOLD is on at one end only: the task and the run's config disagree")
+        scaffold = {} if task.control is None else {"correction": correction(task.control, state.control)}
         update = self.trainer.train(
             self._start(task.global_flat),
             self.data,
@@ -122,6 +129,7 @@ class Participant:
             steps=spec.work.steps,
             epochs=spec.work.epochs,
             on_step=self.on_step,
+            **scaffold,
         )
         steps = state.dpsgd_steps + update.num_steps
         report = self._report(update, steps)
@@ -129,11 +137,20 @@ class Participant:
             self.states.commit(self.client_id, task.round_num, replace(state, dpsgd_steps=steps))
             return Submission(report, None)
         delta = update.delta / update.num_steps if spec.normalize_steps else update.delta
+        vector, control = delta, state.control
+        if task.control is not None and spec.control is not None:  # SCAFFOLD: [delta, s * Delta c_i]
+            if update.mean_gradient is not None:
+                step = client_step_from_gradients(update.mean_gradient, state.control)
+            else:
+                step = client_step(
+                    update.delta, task.control, state.control, steps=update.num_steps, lr=spec.control.lr
+                )
+            vector, control = pack(update.delta, step.delta, spec.control.scale), step.control
         if self._rank_mask is not None and masking is None:
-            delta = delta[self._rank_mask]  # a lower rank sends its components only (all secure inputs
+            vector = vector[self._rank_mask]  # a lower rank sends its components only (all secure inputs
             # cover every coordinate, so a secure round sends the zeros too)
         encoded = encode_update(
-            delta,
+            vector,
             spec.compression,
             generator=torch_generator(seed, "compress", task.round_num, member.index),
             residual=state.residual,
@@ -141,7 +158,7 @@ class Participant:
             shared_seed=task.shared_seed,
             masking=None if masking is None else masking(spec.weights.of(update.num_examples)),
         )
-        self.states.commit(self.client_id, task.round_num, ClientState(encoded.residual, steps))
+        self.states.commit(self.client_id, task.round_num, ClientState(encoded.residual, steps, control))
         return Submission(replace(report, fits_clip=encoded.fits_clip), encoded.update)
 
     def _start(self, global_flat: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@ from fedtune.layout import AdapterLayout
 from fedtune.privacy.dpsgd import record_epsilon
 from fedtune.privacy.noise import os_entropy_generator, os_entropy_rng
 from fedtune.privacy.plan import PrivacyPlan
+from fedtune.round.scaffold import ControlSpec
 from fedtune.secagg import FixedPoint, SecAggParams, default_threshold
 from fedtune.secagg.graph import resolve_neighbours
 
@@ -106,6 +107,12 @@ class RunPlan:
     normalize_steps: bool = False  # FedNova: updates arrive per local step; the mean is scaled back
     ranks: tuple[int, ...] | None = None  # heterogeneous ranks: each client's LoRA rank, by population index
     layout: AdapterLayout | None = None  # where each LoRA tensor sits in the adapter vector
+    control: ControlSpec | None = None  # SCAFFOLD's control variates (server.control_variates); None: off
+
+    @property
+    def update_numel(self) -> int:
+        """Values in one client's update: the adapter's, twice under SCAFFOLD (delta, then control)."""
+        return self.adapter_numel * (1 if self.control is None else 2)
 
 
 @dataclass(frozen=True)
@@ -133,6 +140,13 @@ class ParticipantSpec:
     dpsgd: DpSgdAccounting | None = None
     normalize_steps: bool = False  # FedNova: send the delta divided by the local steps it took
     rank: int | None = None  # heterogeneous ranks: train only the first `rank` LoRA components
+    control: ControlSpec | None = None  # SCAFFOLD (server.control_variates); None: off
+
+    @property
+    def keeps_state(self) -> bool:
+        """A client of this run carries state between rounds: SCAFFOLD's control, an error-feedback
+        residual, or its DP-SGD steps."""
+        return self.control is not None or self.compression.uses_error_feedback or self.dpsgd is not None
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""What a client keeps between its rounds, in one store: its error-feedback residual, its DP-SGD steps.
+"""What a client keeps between its rounds, in one store: its error-feedback residual, its DP-SGD steps, its
+SCAFFOLD control variate c_i.
 
 In simulation the engine's in-process participants share one `ClientStateStore` for the whole population;
 at a deployed site the site's process holds its own, with one entry. A participant reads its state when
@@ -6,9 +7,10 @@ a round's work begins (`begin`) and writes the new state when its update is enco
 `repeatable` (a site), the store also keeps the state from before the last committed round, so a round
 the server hands out again after a restart starts from the same state and yields the same update; a
 simulation never repeats a round and keeps one state per client. `state_dict` / `load_state_dict` make it
-part of a checkpoint (tensors apart from the JSON-able counters).
+part of a checkpoint (tensors apart from the JSON-able counters); a repeatable store's checkpoint also holds
+the state from before the last round, so a site restored from its file can repeat that round.
 
-Memory is what the states hold: O(adapter) per client with error feedback, nothing otherwise.
+Memory is what the states hold: O(adapter) per client with error feedback or SCAFFOLD, nothing otherwise.
 """
 
 from __future__ import annotations
@@ -25,6 +27,12 @@ from fedtune.errors import StateError
 class ClientState:
     residual: torch.Tensor | None = None  # error feedback: what compression has not yet sent (float32)
     dpsgd_steps: int = 0  # DP-SGD: local steps taken on this client's records, all rounds together
+    control: torch.Tensor | None = None  # SCAFFOLD: the client's control variate c_i (float32); None: zero
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The state's tensors by kind ("residual", "control"), those it holds."""
+        found = {"residual": self.residual, "control": self.control}
+        return {kind: t for kind, t in found.items() if t is not None}
 
 
 EMPTY = ClientState()
@@ -71,35 +79,49 @@ class ClientStateStore:
 
     @property
     def nbytes(self) -> int:
-        """Memory held by the residuals."""
+        """Memory held by the residuals and controls."""
         total = 0
         for entry in self._entries.values():
             for state in (entry.state, entry.before):
-                if state is not None and state.residual is not None:
-                    total += state.residual.numel() * state.residual.element_size()
+                if state is not None:
+                    total += sum(t.numel() * t.element_size() for t in state.tensors().values())
         return total
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """The latest states as (tensors by name, JSON-able meta), for a checkpoint."""
+        """The states as (tensors by name, JSON-able meta), for a checkpoint: the latest ones, and in a
+        repeatable store the ones from before the last round ("before/..." tensors, meta "before_steps")."""
         tensors: dict[str, torch.Tensor] = {}
         meta: dict[str, Any] = {}
         for cid, entry in self._entries.items():
-            meta[cid] = {"round": entry.round_num, "dpsgd_steps": entry.state.dpsgd_steps}
-            if entry.state.residual is not None:
-                tensors[f"residual/{cid}"] = entry.state.residual
+            info: dict[str, Any] = {"round": entry.round_num, "dpsgd_steps": entry.state.dpsgd_steps}
+            for kind, tensor in entry.state.tensors().items():
+                tensors[f"{kind}/{cid}"] = tensor
+            if self.repeatable and entry.before is not None:
+                info["before_steps"] = entry.before.dpsgd_steps
+                for kind, tensor in entry.before.tensors().items():
+                    tensors[f"before/{kind}/{cid}"] = tensor
+            meta[cid] = info
         return tensors, meta
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         """Replace the store's states with a checkpoint's; refuses one that does not match itself."""
-        unknown = {name for name in tensors if name.removeprefix("residual/") not in meta}
-        if unknown:
-            raise StateError(f"client state checkpoint has a residual for no client: {sorted(unknown)[0]}")
+        for name in tensors:
+            kind, _, cid = name.removeprefix("before/").partition("/")
+            if kind not in ("residual", "control") or cid not in meta:
+                raise StateError(f"client state checkpoint has a tensor for no client: {name}")
         entries = {}
         for cid, info in meta.items():
             try:
                 round_num, steps = int(info["round"]), int(info["dpsgd_steps"])
-            except (KeyError, TypeError, ValueError):
+                before_steps = info.get("before_steps")
+                before_steps = None if before_steps is None else int(before_steps)
+            except (KeyError, TypeError, ValueError, AttributeError):
                 raise StateError(f"client state checkpoint entry for {cid!r} is malformed") from None
-            residual = tensors.get(f"residual/{cid}")
-            entries[cid] = _Entry(round_num, ClientState(residual, steps), None)
+            state = ClientState(tensors.get(f"residual/{cid}"), steps, tensors.get(f"control/{cid}"))
+            before = None
+            if self.repeatable and before_steps is not None:
+                before = ClientState(
+                    tensors.get(f"before/residual/{cid}"), before_steps, tensors.get(f"before/control/{cid}")
+                )
+            entries[cid] = _Entry(round_num, state, before)
         self._entries = entries

@@ -144,8 +144,15 @@ class DpSgdTrainer:
         steps: int | None = None,
         epochs: int | None = None,
         on_step: Callable[[float], None] = lambda _loss: None,
+        correction: torch.Tensor | None = None,
     ) -> ClientUpdate:
-        """DP-SGD from `global_flat` on `client.train`; `seed` fixes only LoRA dropout, not the batches."""
+        """DP-SGD from `global_flat` on `client.train`; `seed` fixes only LoRA dropout, not the batches.
+        A `correction` (SCAFFOLD) is refused: the accountant does not cover the control variates."""
+        if correction is not None:
+            raise ValueError(
+                "DP-SGD does not take SCAFFOLD's gradient correction: its accountant does not cover the "
+                "control variates (server.control_variates must be 'none' with dpsgd.enabled)"
+            )
         n = len(client.train)
         total = num_steps(n, self.cfg.batch_size, steps=steps, epochs=epochs)
         rate = sample_rate(n, self.cfg.batch_size)

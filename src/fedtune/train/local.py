@@ -5,7 +5,8 @@ trains, and hands back `local - global`. A non-finite loss or delta refuses the 
 instead of letting it into the aggregate. `Trainer` is the extension point: `LocalTrainer` here,
 `train.dpsgd.DpSgdTrainer` for sample-level DP, or a user's own; the round engine's participant calls it
 the same way in simulation and at a deployed site. With `train.proximal_mu > 0` the local objective gains
-FedProx's proximal term, which holds the client's adapter near the global one it started from.
+FedProx's proximal term, which holds the client's adapter near the global one it started from; under
+SCAFFOLD (`round.scaffold`) every step's gradient gains the control correction c - c_i.
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ class ClientUpdate:
     num_steps: int
     train_loss: float  # mean over the steps taken
     error: str | None = None
+    # SCAFFOLD: the mean of the raw minibatch gradients over the steps (flat, float32; before the
+    # correction, FedProx's term and clipping), reported when a correction was given; None otherwise
+    mean_gradient: torch.Tensor | None = None
 
     @property
     def ok(self) -> bool:
@@ -90,7 +94,13 @@ class Trainer(Protocol):
         steps: int | None = None,
         epochs: int | None = None,
         on_step: Callable[[float], None] = ...,
-    ) -> ClientUpdate: ...
+        correction: torch.Tensor | None = None,
+    ) -> ClientUpdate:
+        """`correction` (SCAFFOLD's c - c_i, flat like the adapter) is added to every step's gradient;
+        it is passed only when control variates are on, and a trainer that cannot add it must refuse.
+        With a correction a trainer should report `ClientUpdate.mean_gradient` (SCAFFOLD's c_i+); without
+        one the participant uses option II's formula, which assumes SGD steps."""
+        ...
 
 
 class LocalTrainer:
@@ -112,8 +122,16 @@ class LocalTrainer:
         steps: int | None = None,
         epochs: int | None = None,
         on_step: Callable[[float], None] = lambda _loss: None,
+        correction: torch.Tensor | None = None,
     ) -> ClientUpdate:
-        """Train from `global_flat` on `client.train`; `seed` fixes batch order and dropout."""
+        """Train from `global_flat` on `client.train`; `seed` fixes batch order and dropout; `correction`
+        (SCAFFOLD's c - c_i) is added to every step's gradient, before clipping, and the update then
+        reports the mean raw gradient of the steps."""
+        if correction is not None and correction.shape != global_flat.shape:
+            raise ValueError(f"a gradient correction has the adapter's {global_flat.numel()} values")
+        corrections = None if correction is None else self._views(correction)
+        gradient_sum = None if correction is None else torch.zeros_like(global_flat)
+        sums = None if gradient_sum is None else self._views(gradient_sum)
         generator = torch.Generator().manual_seed(seed)
         schedule = batch_schedule(
             len(client.train), self.cfg.batch_size, generator, steps=steps, epochs=epochs
@@ -130,8 +148,12 @@ class LocalTrainer:
                 if not torch.isfinite(loss):
                     return self._refused(client, step, losses[:step], f"non-finite loss at step {step}")
                 loss.backward()
+                if sums is not None:  # SCAFFOLD's c_i+: the raw gradients, summed in one pass
+                    torch._foreach_add_(sums, [p.grad for p in self.adapter.params])
                 if self.cfg.proximal_mu > 0:
                     self._add_proximal_gradient(global_flat)
+                if corrections is not None:  # SCAFFOLD: grad + (c - c_i), one vectorized pass
+                    torch._foreach_add_([p.grad for p in self.adapter.params], corrections)
                 if self.cfg.max_grad_norm > 0:
                     torch.nn.utils.clip_grad_norm_(self.adapter.params, self.cfg.max_grad_norm)
                 optimizer.step()
@@ -142,12 +164,16 @@ class LocalTrainer:
         delta = self.adapter.buffer - global_flat
         if not torch.isfinite(delta).all():
             return self._refused(client, len(schedule), losses, "non-finite adapter delta")
+        mean_gradient = None if gradient_sum is None else gradient_sum.div_(len(schedule))
+        if mean_gradient is not None and not torch.isfinite(mean_gradient).all():
+            return self._refused(client, len(schedule), losses, "non-finite mean gradient")
         return ClientUpdate(
             client_id=client.client_id,
             delta=delta,
             num_examples=len(client.train),
             num_steps=len(schedule),
             train_loss=float(losses.mean()),
+            mean_gradient=mean_gradient,
         )
 
     def _add_proximal_gradient(self, global_flat: torch.Tensor) -> None:
@@ -156,6 +182,11 @@ class LocalTrainer:
         pull = torch.split((self.adapter.buffer - global_flat).mul_(self.cfg.proximal_mu), self._sizes)
         grads = [p.grad for p in self.adapter.params]
         torch._foreach_add_(grads, [t.view(g.shape) for t, g in zip(pull, grads, strict=True)])
+
+    def _views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """A flat adapter-sized vector as views shaped like each LoRA tensor."""
+        parts = torch.split(flat, self._sizes)
+        return [t.view(p.shape) for t, p in zip(parts, self.adapter.params, strict=True)]
 
     def _refused(self, client: ClientData, steps: int, losses: torch.Tensor, reason: str) -> ClientUpdate:
         self.model.eval()

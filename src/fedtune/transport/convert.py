@@ -1,6 +1,7 @@
 """The round engine's messages to and from protobuf: pure conversions, both ends, every bound checked.
 
-The server turns a member's task into a `Task` header (the adapter follows in chunks) and a client's
+The server turns a member's task into a `Task` header (the adapter, and SCAFFOLD's server control when the
+run has one, follow in chunks: `task_values`) and a client's
 `UpdateHeader` with its data into a `Submission` or an `EvalReport`; a site does the reverse. Values are
 little-endian float32 or uint32 (`numpy.frombuffer`), payloads stay bytes for `fedtune.compress` to decode;
 nothing is unpickled. SecAgg+ stage messages are `secagg_wire`'s.
@@ -59,14 +60,24 @@ def task_to_pb(message: Request, nonce: bytes, deadline_s: float) -> pb.Task:
         shared_seed=task.shared_seed or b"",
         deadline_s=max(0.0, deadline_s),
         kind=pb.TASK_TRAIN,
+        control_numel=0 if task.control is None else task.control.numel(),
     )
     if isinstance(message, SecureTrainRequest):
         header.secagg.CopyFrom(sw.setup_to_pb(message.params, message.member.slot, message.noise_variance))
     return header
 
 
-def request_from_pb(task: pb.Task, global_flat: torch.Tensor, client_id: str) -> Request:
-    """A site's view of its task: the request its participant answers."""
+def task_values(message: Request) -> tuple[torch.Tensor, ...]:
+    """The float32 tensors that follow a task's header, in order: the adapter, then the control if any."""
+    if isinstance(message, EvalRequest) or message.task.control is None:
+        return (message.global_flat,)
+    return (message.global_flat, message.task.control)
+
+
+def request_from_pb(
+    task: pb.Task, global_flat: torch.Tensor, client_id: str, control: torch.Tensor | None = None
+) -> Request:
+    """A site's view of its task: the request its participant answers (`control`: SCAFFOLD's c)."""
     round_num = int(task.round)
     secure = task.HasField("secagg")
     member = Member(int(task.secagg.slot) if secure else 0, int(task.client_index), client_id)
@@ -77,6 +88,7 @@ def request_from_pb(task: pb.Task, global_flat: torch.Tensor, client_id: str) ->
         global_flat,
         clip_l2_norm=float(task.clip_l2_norm) if task.clip_l2_norm > 0 else None,
         shared_seed=bytes(task.shared_seed) or None,
+        control=control,
     )
     if secure:
         params = sw.params_from_pb(task.secagg, round_num)

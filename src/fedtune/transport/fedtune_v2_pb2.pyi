@@ -56,7 +56,7 @@ class TaskRequest(_message.Message):
     def __init__(self, session: _Optional[bytes] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("round", "nonce", "client_index", "adapter_numel", "clip_l2_norm", "shared_seed", "deadline_s", "secagg", "kind")
+    __slots__ = ("round", "nonce", "client_index", "adapter_numel", "clip_l2_norm", "shared_seed", "deadline_s", "secagg", "kind", "control_numel")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     NONCE_FIELD_NUMBER: _ClassVar[int]
     CLIENT_INDEX_FIELD_NUMBER: _ClassVar[int]
@@ -66,6 +66,7 @@ class Task(_message.Message):
     DEADLINE_S_FIELD_NUMBER: _ClassVar[int]
     SECAGG_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
+    CONTROL_NUMEL_FIELD_NUMBER: _ClassVar[int]
     round: int
     nonce: bytes
     client_index: int
@@ -75,7 +76,8 @@ class Task(_message.Message):
     deadline_s: float
     secagg: SecAggSetup
     kind: TaskKind
-    def __init__(self, round: _Optional[int] = ..., nonce: _Optional[bytes] = ..., client_index: _Optional[int] = ..., adapter_numel: _Optional[int] = ..., clip_l2_norm: _Optional[float] = ..., shared_seed: _Optional[bytes] = ..., deadline_s: _Optional[float] = ..., secagg: _Optional[_Union[SecAggSetup, _Mapping]] = ..., kind: _Optional[_Union[TaskKind, str]] = ...) -> None: ...
+    control_numel: int
+    def __init__(self, round: _Optional[int] = ..., nonce: _Optional[bytes] = ..., client_index: _Optional[int] = ..., adapter_numel: _Optional[int] = ..., clip_l2_norm: _Optional[float] = ..., shared_seed: _Optional[bytes] = ..., deadline_s: _Optional[float] = ..., secagg: _Optional[_Union[SecAggSetup, _Mapping]] = ..., kind: _Optional[_Union[TaskKind, str]] = ..., control_numel: _Optional[int] = ...) -> None: ...
 
 class SecAggSetup(_message.Message):
     __slots__ = ("slot", "cohort", "threshold", "neighbours", "bits", "clip_range", "max_weight", "vector_size", "noise_variance")

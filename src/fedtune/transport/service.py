@@ -69,7 +69,7 @@ class FederationService:
         self._download_slots = threading.BoundedSemaphore(max_concurrent_uploads)
         self.chunk_bytes = chunk_bytes
         self.insecure = insecure
-        self._adapter_cache: tuple[torch.Tensor, bytes] | None = None
+        self._adapter_cache: tuple[tuple[torch.Tensor, ...], bytes] | None = None
         self._cache_lock = threading.Lock()
 
     def handler(self) -> grpc.GenericRpcHandler:
@@ -138,12 +138,18 @@ class FederationService:
             )
         return verified
 
-    def _adapter_bytes(self, global_flat: torch.Tensor) -> bytes:
-        """The adapter's float32 bytes, made once per adapter whatever the number of downloads."""
+    def _adapter_bytes(self, values: tuple[torch.Tensor, ...]) -> bytes:
+        """The task's float32 bytes (the adapter, and SCAFFOLD's control after it), made once per adapter
+        whatever the number of downloads."""
         with self._cache_lock:
-            if self._adapter_cache is None or self._adapter_cache[0] is not global_flat:
-                self._adapter_cache = (global_flat, float32_bytes(global_flat.numpy()))
-            return self._adapter_cache[1]
+            cached = self._adapter_cache
+            if (
+                cached is None
+                or len(cached[0]) != len(values)
+                or any(a is not b for a, b in zip(cached[0], values, strict=True))
+            ):
+                cached = self._adapter_cache = (values, b"".join(float32_bytes(t.numpy()) for t in values))
+            return cached[1]
 
     def _limits(self) -> UpdateLimits:
         """What the open round accepts: evaluation reports, masked inputs, or plain updates."""
@@ -188,10 +194,10 @@ class FederationService:
             return
         offer: Offer = found
         header = convert.task_to_pb(offer.message, offer.nonce, offer.deadline - self.coordinator.clock())
-        flat = offer.message.global_flat
+        values = convert.task_values(offer.message)
         with self._download_slots:  # the adapter's chunks queued for sending, a few clients at a time
             yield pb.TaskReply(task=header).SerializeToString()
-            for chunk in chunked(self._adapter_bytes(flat), self.chunk_bytes):
+            for chunk in chunked(self._adapter_bytes(values), self.chunk_bytes):
                 yield pb.TaskReply(adapter_chunk=bytes(chunk)).SerializeToString()
 
     def submit(self, request_iterator: Iterator[bytes], context: grpc.ServicerContext) -> bytes:

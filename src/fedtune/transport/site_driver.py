@@ -103,8 +103,11 @@ def join(stub: Stub, client_id: str, num_examples: int) -> pb.JoinReply:
     return pb.JoinReply.FromString(stub.join(request.SerializeToString(), timeout=CALL_TIMEOUT_S))
 
 
-def get_task(stub: Stub, session: bytes, numel: int) -> tuple[pb.Task, torch.Tensor] | pb.Wait | pb.Done:
-    """The next task with its global adapter, or a Wait or Done."""
+def get_task(
+    stub: Stub, session: bytes, numel: int
+) -> tuple[pb.Task, torch.Tensor, torch.Tensor | None] | pb.Wait | pb.Done:
+    """The next task with its global adapter and SCAFFOLD's server control (None without), or a Wait or
+    Done."""
     replies = stub.get_task(pb.TaskRequest(session=session).SerializeToString(), timeout=CALL_TIMEOUT_S)
     first = pb.TaskReply.FromString(next(iter(replies)))
     kind = first.WhichOneof("kind")
@@ -117,13 +120,18 @@ def get_task(stub: Stub, session: bytes, numel: int) -> tuple[pb.Task, torch.Ten
     task = first.task
     if task.adapter_numel != numel:
         raise ClientError(f"the server's adapter has {task.adapter_numel} values, this client's {numel}")
+    if task.control_numel not in (0, numel):
+        raise ClientError(
+            f"the server's control has {task.control_numel} values, this client's adapter {numel}"
+        )
+    total = numel + task.control_numel
     buffer = bytearray()
     for raw in replies:
         buffer += pb.TaskReply.FromString(raw).adapter_chunk
-        if len(buffer) > numel * 4:
+        if len(buffer) > total * 4:
             raise ClientError("the server sent more adapter bytes than the task declared")
-    values = float32_values(buffer, numel, "the global adapter")
-    return task, torch.from_numpy(values.copy())
+    values = torch.from_numpy(float32_values(buffer, total, "the global adapter").copy())
+    return task, values[:numel], values[numel:] if task.control_numel else None
 
 
 def update_stream(header: pb.UpdateHeader, payload: bytes, chunk_bytes: int) -> Iterator[bytes]:
@@ -232,8 +240,8 @@ def take_part(
                 show("waiting for the next round")
                 time.sleep(found.retry_after_ms / 1000)
                 continue
-            task, global_flat = found
-            request = convert.request_from_pb(task, global_flat, client_id)
+            task, global_flat, control = found
+            request = convert.request_from_pb(task, global_flat, client_id, control)
             calls = RoundCalls(stub, session, task, site.chunk_bytes)
             what = "evaluating" if task.kind else "training"
             show(f"round {task.round}: {what}")
