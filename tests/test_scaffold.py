@@ -13,12 +13,10 @@ from fedtune.aggregate import ServerSGD, weighted_mean
 from fedtune.aggregate.aggregator import Aggregator
 from fedtune.checkpoint import Checkpoint, decode_checkpoint, encode_checkpoint
 from fedtune.compress import CompressionSpec
-from fedtune.config import Config, LoraSettings, TrainConfig, check, load_config
+from fedtune.config import Config, check, load_config
 from fedtune.data import ClientData
 from fedtune.deploy.site_state import STATE_FILE, SiteRunIdentity, SiteStateStore, fingerprint
 from fedtune.errors import ConfigError, StateError
-from fedtune.model.adapter import FlatAdapter, attach_lora
-from fedtune.model.base import load_base_model
 from fedtune.round.engine import RoundEngine
 from fedtune.round.inprocess import InProcessTransport
 from fedtune.round.messages import (
@@ -41,7 +39,6 @@ from fedtune.round.scaffold import (
 )
 from fedtune.round.state import ClientState, ClientStateStore
 from fedtune.simulation import Silent, setup
-from fedtune.train.local import LocalTrainer
 from tests.test_simulation import SMALL
 
 # ---- the formulas ------------------------------------------------------------------------------------
@@ -216,19 +213,6 @@ def test_the_engine_refuses_scaffold_with_a_rule_that_is_not_a_mean():
 
 
 # ---- the corrected trainer ---------------------------------------------------------------------------
-
-
-@pytest.fixture
-def trainer(tiny_dir, tokenizer):
-    model = attach_lora(load_base_model(tiny_dir), LoraSettings(rank=4), torch.Generator().manual_seed(0))
-    return LocalTrainer(model, FlatAdapter(model), TrainConfig(lr=1e-2), tokenizer.pad_token_id)
-
-
-@pytest.fixture
-def client(tokenizer):
-    texts = ["To be, or not to be, that is the question."] * 6
-    ids = [tokenizer(t)["input_ids"] + [tokenizer.eos_token_id] for t in texts]
-    return ClientData("hamlet/HAMLET", train=ids[:4], eval=ids[4:])
 
 
 def test_a_zero_correction_gives_the_uncorrected_delta_bit_for_bit(trainer, client):

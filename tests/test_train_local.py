@@ -3,10 +3,7 @@
 import pytest
 import torch
 
-from fedtune.config import LoraSettings, TrainConfig
-from fedtune.data import ClientData
-from fedtune.model.adapter import FlatAdapter, attach_lora
-from fedtune.model.base import load_base_model
+from fedtune.config import TrainConfig
 from fedtune.train.local import LocalTrainer, batch_schedule
 
 
@@ -21,19 +18,6 @@ def test_batch_schedule_by_steps_and_epochs():
     assert torch.equal(torch.cat(epochs[:3]).sort().values, torch.arange(10))
     with pytest.raises(ValueError):
         batch_schedule(10, 4, gen, steps=1, epochs=1)
-
-
-@pytest.fixture
-def trainer(tiny_dir, tokenizer):
-    model = attach_lora(load_base_model(tiny_dir), LoraSettings(rank=4), torch.Generator().manual_seed(0))
-    return LocalTrainer(model, FlatAdapter(model), TrainConfig(lr=1e-2), tokenizer.pad_token_id)
-
-
-@pytest.fixture
-def client(tokenizer):
-    texts = ["To be, or not to be, that is the question."] * 6
-    ids = [tokenizer(t)["input_ids"] + [tokenizer.eos_token_id] for t in texts]
-    return ClientData("hamlet/HAMLET", train=ids[:4], eval=ids[4:])
 
 
 def test_training_returns_a_delta_and_restores_nothing_global(trainer, client):
