@@ -34,13 +34,13 @@ from typing import Any
 import torch
 
 from fedtune.aggregate import Aggregator, StackedUpdates, SummedUpdates
-from fedtune.aggregate.aggregator import Contributors
 from fedtune.errors import ConfigError, Refusal
 from fedtune.evaluate import ClientNll, combine, perplexity
 from fedtune.privacy.dpfedavg import ClientLevelDp, PrivacyMetrics
 from fedtune.round.collect import PlainCollection, train_loss
 from fedtune.round.messages import ClientReport, EvalReport, EvalRequest, TrainRequest, TrainTask
 from fedtune.round.plan import DpRandomness, Member, RunPlan
+from fedtune.round.ranks import contributors, rank_coordinates, step_scale
 from fedtune.round.results import EvalSummary, RoundResult, SecAggMetrics, SvdMetrics
 from fedtune.round.sampling import draw_cohort
 from fedtune.round.scaffold import server_step, split
@@ -236,7 +236,10 @@ class RoundEngine:
             if self.plan.control is not None:
                 updates = self._move_control(updates)
             merged = self.aggregator.aggregate(
-                self.global_flat, updates, self._step_scale(collected), self._contributors(collected, members)
+                self.global_flat,
+                updates,
+                step_scale(self.plan, collected.accepted),
+                contributors(self.plan, collected.accepted, members),
             )
             self.global_flat, residual = merged.global_flat, merged.relative_residual
         elif self.dp is not None:
@@ -275,38 +278,6 @@ class RoundEngine:
             svd=self._svd(residual),
         )
 
-    def _step_scale(self, collected: _Collected) -> float:
-        """FedNova (Wang et al. 2020): the updates are per local step, so their mean is scaled by the
-        aggregated clients' weighted mean number of steps, tau_eff = sum_i w_i tau_i / sum_i w_i; 1 else."""
-        if not self.plan.normalize_steps or not collected.accepted:
-            return 1.0
-        reports = [collected.accepted[slot] for slot in sorted(collected.accepted)]
-        weights = [self.plan.weights.of(r.num_examples) for r in reports]
-        return sum(w * r.num_steps for w, r in zip(weights, reports, strict=True)) / sum(weights)
-
-    def _coordinates(self, members: Sequence[Member]) -> dict[int, torch.Tensor]:
-        """By slot, the adapter values a client of a lower rank than the adapter's trains, receives and
-        sends (its first components; `AdapterLayout.rank_mask`)."""
-        plan = self.plan
-        if plan.ranks is None or plan.layout is None:
-            return {}
-        full = min(plan.layout.ranks)
-        lower = {m.slot: plan.ranks[m.index] for m in members if plan.ranks[m.index] < full}
-        for rank in set(lower.values()) - set(self._rank_masks):
-            self._rank_masks[rank] = plan.layout.rank_mask(rank)
-        return {slot: self._rank_masks[rank] for slot, rank in lower.items()}
-
-    def _contributors(self, collected: _Collected, members: Sequence[Member]) -> Contributors | None:
-        """Heterogeneous ranks: each aggregated update's rank and weight, in slot order (the stack's)."""
-        ranks = self.plan.ranks
-        if ranks is None:
-            return None
-        slots = sorted(collected.accepted)
-        return Contributors(
-            tuple(ranks[members[slot].index] for slot in slots),
-            tuple(float(self.plan.weights.of(collected.accepted[slot].num_examples)) for slot in slots),
-        )
-
     def _svd(self, residual: float | None) -> SvdMetrics | None:
         return None if self.aggregator.merge is None else SvdMetrics(residual)
 
@@ -319,7 +290,7 @@ class RoundEngine:
     def _plain(self, task: TrainTask, members: Sequence[Member]) -> _Collected:
         plan = self.plan
         target = plan.cohort if plan.selected > plan.cohort else None
-        coordinates = self._coordinates(members)
+        coordinates = rank_coordinates(self.plan, members, self._rank_masks)
         collection = PlainCollection(
             numel=plan.update_numel,
             weights=plan.weights,
