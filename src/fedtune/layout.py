@@ -144,6 +144,13 @@ class AdapterLayout:
             for group in by_shape.values()
         )
 
+    def a_mask(self) -> torch.Tensor:
+        """True at every value of every LoRA A (what `personalize.method = "split"` shares)."""
+        mask = torch.zeros(self.numel, dtype=torch.bool)
+        for pair in self.pairs:
+            mask[pair.a.offset : pair.a.offset + pair.a.numel] = True
+        return mask
+
     def rank_mask(self, rank: int) -> torch.Tensor:
         """True where a rank-`rank` client trains: the first `rank` rows of every A and columns of every B
         (of a layout at a higher rank; zero-padding, as HetLoRA pads to the largest rank)."""

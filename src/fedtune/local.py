@@ -58,6 +58,17 @@ def make_trainer(config: Config, local: LocalModel) -> Trainer:
     )
 
 
+def make_personal_trainer(config: Config, local: LocalModel) -> LocalTrainer | None:
+    """The trainer of the personal adapters (`[personalize]`; None when off): local AdamW steps, with
+    Ditto's pull toward the global adapter as the proximal term (`personalize.lambda`)."""
+    method = config.personalize.method
+    if method == "none":
+        return None
+    mu = config.personalize.lambda_ if method == "ditto" else 0.0
+    train = config.train.model_copy(update={"proximal_mu": mu})
+    return LocalTrainer(local.model, local.adapter, train, local.pad_id)
+
+
 @contextmanager
 def torch_threads(threads: int | None) -> Iterator[None]:
     """`run.threads` torch threads for the duration (None: torch's choice), restored after: a run called

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from fedtune.config import Config, to_toml
 from fedtune.report import write_report
@@ -31,13 +33,28 @@ def _json_safe(value: Any) -> Any:
 
 
 def client_changes(before: EvalSummary | None, after: EvalSummary | None) -> dict[str, dict[str, float]]:
-    """Each client evaluated at the start: its held-out loss before and after (NaN if it was not then)."""
+    """Each client evaluated at the start: its held-out loss before and after (NaN if it was not then),
+    and with its personal adapter at the end when the run has `[personalize]`."""
     if before is None:
         return {}
     end = {} if after is None else after.per_client_loss
-    return {
-        cid: {"before": loss, "after": end.get(cid, math.nan)} for cid, loss in before.per_client_loss.items()
-    }
+    personal = None if after is None or after.personal is None else after.personal.per_client_loss
+    changes = {}
+    for cid, loss in before.per_client_loss.items():
+        changes[cid] = {"before": loss, "after": end.get(cid, math.nan)}
+        if personal is not None:
+            changes[cid]["personal"] = personal.get(cid, math.nan)
+    return changes
+
+
+def personal_dir(root: Path, client_id: str) -> Path:
+    """Where a client's personal adapter goes under `root`: `root/<client id>`, a client id with '/'
+    (Shakespeare's `play/CHARACTER`) as nested folders; a part that is not a plain name is %-quoted."""
+    parts = []
+    for part in client_id.split("/"):
+        plain = part not in ("", ".", "..") and all(ch.isalnum() or ch in "._- " for ch in part)
+        parts.append(part if plain else quote(part, safe=""))
+    return root.joinpath(*parts)
 
 
 def _targets(setting: list[str] | str) -> str:
@@ -68,6 +85,7 @@ class RunDir:
         self.path = path
         self.metrics_file = path / "metrics.jsonl"
         self.adapter_dir = path / "adapter"
+        self.personal_root = path / "personal"
         self.clients_file = path / "clients.json"
 
     def create(self, config: Config) -> None:
@@ -75,6 +93,7 @@ class RunDir:
         self.path.mkdir(parents=True, exist_ok=True)
         (self.path / "config.toml").write_text(to_toml(config))
         self.metrics_file.write_text("")
+        shutil.rmtree(self.personal_root, ignore_errors=True)  # an earlier run's personal adapters
 
     def append(self, result: RoundResult) -> None:
         self.append_row(result.to_row())

@@ -19,22 +19,24 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
+import torch
+
 from fedtune.aggregate import AggregationRule, ServerOptimizer, make_aggregator
 from fedtune.config import Config
 from fedtune.config.plan import participant_spec, resolve
 from fedtune.data import ClientData, load_clients
-from fedtune.local import load_model, make_trainer, tokenizer_for, torch_threads
+from fedtune.local import load_model, make_personal_trainer, make_trainer, tokenizer_for, torch_threads
 from fedtune.model.adapter import save_adapter
 from fedtune.round.clock import SimulatedClock
 from fedtune.round.engine import RoundEngine
-from fedtune.round.inprocess import Dropouts, InProcessTransport, SeededDropouts
+from fedtune.round.inprocess import Dropouts, InProcessTransport, Responder, SeededDropouts
 from fedtune.round.participant import Participant
 from fedtune.round.plan import DpRandomness, Member
 from fedtune.round.profiles import spec_for
 from fedtune.round.results import EvalSummary, RoundResult
 from fedtune.round.state import ClientStateStore
 from fedtune.round.transport import Phase
-from fedtune.rundir import RunDir, client_changes, summary
+from fedtune.rundir import RunDir, client_changes, personal_dir, summary
 from fedtune.seeding import numpy_rng
 from fedtune.train.local import LocalModel
 
@@ -101,13 +103,16 @@ def setup(
     server_opt: ServerOptimizer | None = None,
     dropouts: Dropouts | None = None,
     dp_randomness: DpRandomness | None = None,
+    responder: Callable[[Member, Participant], Responder] | None = None,
 ) -> Setup:
     """Load the data (bad input is refused before the model loads), the model, resolve the run's plan,
-    and build the engine; writes the run directory's config.toml."""
+    and build the engine; writes the run directory's config.toml. `responder(member, participant)`
+    wraps each participant (`fedtune compare` counts the steps each client trains)."""
     seed = config.run.seed
     model_dir, tokenizer = tokenizer_for(config, notify)
+    data_seed = config.data_seed
     clients = load_clients(
-        config.data, config.federation.num_clients, tokenizer, numpy_rng(seed, "data"), seed=seed
+        config.data, config.federation.num_clients, tokenizer, numpy_rng(data_seed, "data"), seed=data_seed
     )
     local = load_model(config, model_dir, tokenizer.pad_token_id)
     resolved = resolve(
@@ -126,12 +131,28 @@ def setup(
     run_dir.create(config)
 
     trainer, states, spec = make_trainer(config, local), ClientStateStore(), participant_spec(config)
+    personal_trainer = make_personal_trainer(config, local)
     shares = None if resolved.dp_randomness is None else resolved.dp_randomness.shares
     profiles = resolved.profiles
 
-    def participant_for(member: Member) -> Participant:
+    def keep_personal(client_id: str, flat: torch.Tensor) -> None:
+        folder = personal_dir(run_dir.personal_root, client_id)
+        save_adapter(local.model, local.adapter, flat, folder, model_dir)
+
+    def participant_for(member: Member) -> Responder:
         data, own = clients[member.index], spec_for(spec, profiles[member.client_id])
-        return Participant(data, local, trainer, states, own, noise_rng=shares, on_step=observer.step)
+        participant = Participant(
+            data,
+            local,
+            trainer,
+            states,
+            own,
+            noise_rng=shares,
+            on_step=observer.step,
+            personal_trainer=personal_trainer,
+            keep_personal=keep_personal,
+        )
+        return participant if responder is None else responder(member, participant)
 
     rate = config.secure_aggregation.dropout_rate
     transport = InProcessTransport(
@@ -172,28 +193,23 @@ def simulate(
     `dropouts` replaces the seeded secure-aggregation dropouts; `dp_randomness` the OS generators of
     client-level DP (tests only: a seeded one breaks the guarantee)."""
     with torch_threads(config.run.threads):
-        return _simulate(config, observer or Silent(), notify, rule, server_opt, dropouts, dp_randomness)
+        started = time.perf_counter()
+        observer = observer or Silent()
+        s = setup(
+            config,
+            observer,
+            notify,
+            rule=rule,
+            server_opt=server_opt,
+            dropouts=dropouts,
+            dp_randomness=dp_randomness,
+        )
+        return run_setup(s, observer, started)
 
 
-def _simulate(
-    config: Config,
-    observer: Observer,
-    notify: Callable[[str], None],
-    rule: AggregationRule | None,
-    server_opt: ServerOptimizer | None,
-    dropouts: Dropouts | None,
-    dp_randomness: DpRandomness | None,
-) -> RunResult:
-    started = time.perf_counter()
-    s = setup(
-        config,
-        observer,
-        notify,
-        rule=rule,
-        server_opt=server_opt,
-        dropouts=dropouts,
-        dp_randomness=dp_randomness,
-    )
+def run_setup(s: Setup, observer: Observer, started: float) -> RunResult:
+    """The rounds of a set-up simulation, then what it ends with: the adapter, clients.json, the report
+    (`started`: when the run began, by `time.perf_counter`, for its wall time)."""
     plan, numel = s.engine.plan, s.local.adapter.numel
     observer.start(plan.rounds, total_steps(s.config, s.clients, plan.cohort))
     results: list[RoundResult] = []

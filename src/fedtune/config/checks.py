@@ -46,6 +46,8 @@ def check(
         _check_secure_aggregation(config, mode, population, max_weight)
     if config.server.control_variates != "none":
         _check_control_variates(config)
+    if config.personalize.method != "none":
+        _check_personalize(config)
     _check_deploy_lists(config)
     return check_composable(
         CompressionSpec.from_config(config.compression),
@@ -135,6 +137,32 @@ def _check_lora_aggregation(config: Config) -> None:
             f"{what} and re-factors it, so the factors change basis every round and a server "
             f"optimizer's state (server.optimizer = {server.optimizer!r}) has no meaning across rounds; "
             "use server.optimizer = 'sgd' (server.lr steps toward the mean product)"
+        )
+
+
+def _check_personalize(config: Config) -> None:
+    """Personal adapters train with plain AdamW next to the run's trainer; split shares A only, so the
+    update is A's delta and B is never aggregated."""
+    method = config.personalize.method
+    if config.dpsgd.enabled:
+        raise ConfigError(
+            f"personalize.method = {method!r} trains personal adapters with plain AdamW: a personal "
+            "adapter would carry no per-record guarantee, and a published one (a run's personal/ folder) "
+            "would undo dpsgd.enabled = true; set personalize.method = 'none' with DP-SGD, or "
+            "dpsgd.enabled = false"
+        )
+    if method != "split":
+        return
+    server = config.server
+    if server.lora_aggregation != "separate":
+        raise ConfigError(
+            f"personalize.method = 'split' aggregates LoRA's A and keeps each client's B, which "
+            f"server.lora_aggregation = {server.lora_aggregation!r} does not do; set it to 'separate'"
+        )
+    if server.control_variates != "none":
+        raise ConfigError(
+            "personalize.method = 'split' sends A's delta only, and server.control_variates = 'scaffold' "
+            "corrects the whole adapter; set one of them to 'none'"
         )
 
 

@@ -110,4 +110,4 @@ def load_config_text(text: str, origin: str = "the run's config") -> Config:
 
 def to_toml(config: Config) -> str:
     """The resolved config as TOML; `load_config` of it gives back an equal Config."""
-    return tomli_w.dumps(config.model_dump(mode="json", exclude_none=True))
+    return tomli_w.dumps(config.model_dump(mode="json", exclude_none=True, by_alias=True))

@@ -21,6 +21,7 @@ from fedtune.layout import AdapterLayout
 from fedtune.privacy.distributed import check_headroom
 from fedtune.privacy.dpfedavg import ClientLevelDp
 from fedtune.privacy.plan import plan_privacy
+from fedtune.round.personal import PersonalSpec
 from fedtune.round.plan import (
     DpRandomness,
     DpSgdAccounting,
@@ -67,6 +68,11 @@ def control_spec(config: Config) -> ControlSpec | None:
     return ControlSpec(lr=lr, scale=lr * (fed.local_steps if fed.local_epochs is None else 1))
 
 
+def personal_spec(config: Config) -> PersonalSpec | None:
+    p = config.personalize
+    return None if p.method == "none" else PersonalSpec(p.method, p.steps, p.lambda_)
+
+
 def participant_spec(config: Config) -> ParticipantSpec:
     dpsgd = config.dpsgd
     return ParticipantSpec(
@@ -83,6 +89,7 @@ def participant_spec(config: Config) -> ParticipantSpec:
         ),
         normalize_steps=config.server.step_normalization == "fednova",
         control=control_spec(config),
+        personal=personal_spec(config),
     )
 
 
@@ -111,6 +118,10 @@ def resolve(
     compression = CompressionSpec.from_config(config.compression)
     control = control_spec(config)
     vector_size = adapter_numel * (1 if control is None else 2)
+    if config.personalize.method == "split":
+        if layout is None:
+            raise ValueError("split personalization needs the adapter's layout")
+        vector_size = int(layout.a_mask().sum())
     if compression.method == "randomk":
         vector_size = num_kept(vector_size, compression.fraction)
     secure = None
@@ -152,7 +163,7 @@ def resolve(
         selected=selected,
         min_clients=fed.min_clients,
         eval_every=config.eval.every,
-        eval_members=eval_members(len(population), config.eval.max_clients, config.run.seed),
+        eval_members=eval_members(len(population), config.eval.max_clients, config.data_seed),
         weights=weights,
         compression=compression,
         adapter_numel=adapter_numel,
@@ -164,5 +175,7 @@ def resolve(
         layout=layout,
         ranks=client_ranks(profiles, population, config.lora.rank),
         control=control,
+        personalize=config.personalize.method != "none",
+        split=config.personalize.method == "split",
     )
     return Resolved(config, plan, dp, randomness, notes, profiles)

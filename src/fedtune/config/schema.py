@@ -1,8 +1,8 @@
 """The whole run's configuration: every section, each owned by the package that reads it.
 
 `[run]` is the run's own (where results go, the seed, threads); the others come from their packages:
-`[model]` `[lora]` (model.settings), `[data]` (data.settings), `[federation]` `[eval]` (round.settings),
-`[clients]` (round.profiles), `[train]` (train.settings), `[server]` (aggregate.settings),
+`[model]` `[lora]` (model.settings), `[data]` (data.settings), `[federation]` `[eval]` `[personalize]`
+(round.settings), `[clients]` (round.profiles), `[train]` (train.settings), `[server]` (aggregate.settings),
 `[secure_aggregation]` (secagg.settings), `[compression]` (compress.settings), `[privacy]` `[dpsgd]`
 (privacy.settings), `[deploy]` (transport.settings). The rules that span sections are in `checks`;
 loading and overrides in `load`.
@@ -20,7 +20,7 @@ from fedtune.data.settings import DataConfig
 from fedtune.model.settings import LoraSettings, ModelConfig
 from fedtune.privacy.settings import DpSgdConfig, PrivacyConfig
 from fedtune.round.profiles import ClientsConfig
-from fedtune.round.settings import EvalConfig, FederationConfig
+from fedtune.round.settings import EvalConfig, FederationConfig, PersonalizeConfig
 from fedtune.secagg.settings import SecureAggregationConfig
 from fedtune.section import PositiveInt, Section
 from fedtune.train.settings import TrainConfig
@@ -56,4 +56,11 @@ class Config(Section):
     privacy: PrivacyConfig = PrivacyConfig()
     dpsgd: DpSgdConfig = DpSgdConfig()
     eval: EvalConfig = EvalConfig()
+    personalize: PersonalizeConfig = PersonalizeConfig()
     deploy: DeployConfig = DeployConfig()
+
+    @property
+    def data_seed(self) -> int:
+        """What seeds the data: which clients, their caps and held-out splits, who evaluates
+        (`data.seed`, by default `run.seed`; `fedtune compare` holds it fixed while run.seed varies)."""
+        return self.run.seed if self.data.seed is None else self.data.seed

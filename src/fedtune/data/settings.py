@@ -26,3 +26,4 @@ class DataConfig(Section):
     max_examples_per_client: PositiveInt | Literal["all"] = 256
     eval_fraction: Fraction = 0.2
     max_seq_len: int = Field(64, ge=8)  # tokens per example; longer text is truncated
+    seed: int | None = Field(None, ge=0)  # the clients, their caps and splits; None: run.seed

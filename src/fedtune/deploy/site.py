@@ -4,7 +4,8 @@ DP-SGD steps, SCAFFOLD's control) to itself: in its folder (`site_state`), acros
 
 Join (the server sends the run's config) -> load the model and the site's file once (`load_site`, the
 same steps a simulation of this site's folder takes) -> the round engine's `Participant`, answering
-what the server sends through `transport.site_driver`.
+what the server sends through `transport.site_driver`. With `[personalize]` the site's personal adapter
+is written, in PEFT's format, to `personal/` in its folder at the run's last evaluation.
 """
 
 from __future__ import annotations
@@ -13,12 +14,15 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 
+import torch
+
 from fedtune.config import Config, load_config_text
 from fedtune.config.plan import participant_spec
 from fedtune.data import load_site
 from fedtune.deploy.site_state import SiteRunIdentity, SiteStateStore
 from fedtune.errors import DataError
-from fedtune.local import load_model, make_trainer, tokenizer_for, torch_threads
+from fedtune.local import load_model, make_personal_trainer, make_trainer, tokenizer_for, torch_threads
+from fedtune.model.adapter import save_adapter
 from fedtune.pki import common_name, load_identity
 from fedtune.privacy.noise import os_entropy_rng
 from fedtune.round.participant import Participant
@@ -27,6 +31,8 @@ from fedtune.transport.channel import Stub, open_channel, server_address
 from fedtune.transport.site_driver import ClientError, ClientResult, SiteRun, take_part
 from fedtune.transport.site_tls import diagnose, preflight
 
+PERSONAL_DIR = "personal"  # the site's personal adapter, in PEFT's format, in its folder
+
 
 def build_site(
     config: Config, data_path: Path, text_field: str, client_id: str, *, state_dir: Path | None = None
@@ -34,14 +40,20 @@ def build_site(
     """What the site builds once it knows the run: its data first (a bad file fails before the model
     loads), then the model, the trainer and the participant. `state_dir`: the folder its client state is
     kept in across restarts, when the run gives clients state to keep (`site_state`; a state file from
-    another run is refused); None: in memory only."""
+    another run is refused), and its personal adapter in (`personal/`, with `[personalize]`); None: in
+    memory only."""
     model_dir, tokenizer = tokenizer_for(config)
-    data = load_site(data_path, config.data, client_id, tokenizer, config.run.seed, text_field)
+    data = load_site(data_path, config.data, client_id, tokenizer, config.data_seed, text_field)
     local = load_model(config, model_dir, tokenizer.pad_token_id)
     spec = participant_spec(config)
     states = ClientStateStore(repeatable=True)
     if state_dir is not None and spec.keeps_state:
         states = SiteStateStore(state_dir, SiteRunIdentity.of(config, client_id, local.adapter.numel))
+
+    def keep_personal(_client_id: str, flat: torch.Tensor) -> None:
+        if state_dir is not None:  # the site's own folder, never the server's
+            save_adapter(local.model, local.adapter, flat, state_dir / PERSONAL_DIR, model_dir)
+
     participant = Participant(
         data,
         local,
@@ -49,6 +61,8 @@ def build_site(
         states,
         spec,
         noise_rng=os_entropy_rng(),
+        personal_trainer=make_personal_trainer(config, local),
+        keep_personal=keep_personal,
     )
     return SiteRun(participant, local.adapter.numel, config.deploy.chunk_kib * 1024, len(data.train))
 

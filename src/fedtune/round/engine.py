@@ -39,9 +39,10 @@ from fedtune.evaluate import ClientNll, combine, perplexity
 from fedtune.privacy.dpfedavg import ClientLevelDp, PrivacyMetrics
 from fedtune.round.collect import PlainCollection, train_loss
 from fedtune.round.messages import ClientReport, EvalReport, EvalRequest, TrainRequest, TrainTask
+from fedtune.round.personal import expand
 from fedtune.round.plan import DpRandomness, Member, RunPlan
 from fedtune.round.ranks import contributors, rank_coordinates, step_scale
-from fedtune.round.results import EvalSummary, RoundResult, SecAggMetrics, SvdMetrics
+from fedtune.round.results import EvalSummary, PersonalEval, RoundResult, SecAggMetrics, SvdMetrics
 from fedtune.round.sampling import draw_cohort
 from fedtune.round.scaffold import server_step, split
 from fedtune.round.secure import run_secure_round
@@ -127,6 +128,7 @@ class RoundEngine:
         self.clock = clock
         self.notes: list[str] = []
         self._rank_masks: dict[int, torch.Tensor] = {}
+        self._split: torch.Tensor | None = None
 
     # ---- the run -----------------------------------------------------------------------------------
 
@@ -235,6 +237,8 @@ class RoundEngine:
                 updates, privacy = self._privatize(updates, collected)
             if self.plan.control is not None:
                 updates = self._move_control(updates)
+            if self.plan.split:  # A's deltas only: B stays as it is, with the clients
+                updates = expand(updates, self._split_mask())
             merged = self.aggregator.aggregate(
                 self.global_flat,
                 updates,
@@ -247,7 +251,8 @@ class RoundEngine:
         self._note_dpsgd(collected.reports.values())
         evaluation = None
         if round_num % plan.eval_every == 0 or self._last(round_num):
-            evaluation, refused_in_eval = self.evaluate(round_num)
+            personalize = plan.personalize and self._last(round_num)
+            evaluation, refused_in_eval = self.evaluate(round_num, personalize=personalize)
             for kind, count in refused_in_eval.items():
                 refused[kind] = refused.get(kind, 0) + count
         in_sum = collected.updates.count if collected.updates is not None else 0
@@ -277,6 +282,12 @@ class RoundEngine:
             dpsgd_epsilon_max=self.dpsgd_epsilon_max,
             svd=self._svd(residual),
         )
+
+    def _split_mask(self) -> torch.Tensor:
+        if self._split is None:
+            assert self.plan.layout is not None
+            self._split = self.plan.layout.a_mask()
+        return self._split
 
     def _svd(self, residual: float | None) -> SvdMetrics | None:
         return None if self.aggregator.merge is None else SvdMetrics(residual)
@@ -410,9 +421,11 @@ class RoundEngine:
 
     # ---- evaluation --------------------------------------------------------------------------------
 
-    def evaluate(self, round_num: int) -> tuple[EvalSummary | None, dict[str, int]]:
+    def evaluate(
+        self, round_num: int, *, personalize: bool = False
+    ) -> tuple[EvalSummary | None, dict[str, int]]:
         """The global adapter on the evaluation clients' held-out data (None if none answered), and the
-        messages the transport refused meanwhile."""
+        messages the transport refused meanwhile; with `personalize`, each client's personal adapter too."""
         start = self.clock()
         plan = self.plan
         members = [
@@ -423,10 +436,12 @@ class RoundEngine:
         def deliver(slot: int, reply: object) -> bool:
             if not isinstance(reply, EvalReport) or reply.client_id != members[slot].client_id:
                 raise Refusal("malformed", "an evaluation takes the evaluating client's own report")
+            if personalize and reply.personal_nll is None:
+                raise Refusal("malformed", "the run's last evaluation takes the personal adapter's loss too")
             reports[slot] = reply
             return True
 
-        messages = {m.slot: EvalRequest(round_num, self.global_flat, m) for m in members}
+        messages = {m.slot: EvalRequest(round_num, self.global_flat, m, personalize) for m in members}
         self.transport.open_round(round_num, Purpose.EVALUATE, members)
         refused: dict[str, int] = {}
         try:
@@ -440,6 +455,12 @@ class RoundEngine:
             self.notify(note)
             return None, refused
         result = combine(nll)
+        personal = None
+        if personalize:
+            own = combine(
+                [ClientNll(r.client_id, r.personal_nll or 0.0, r.tokens) for _, r in sorted(reports.items())]
+            )
+            personal = PersonalEval(own.loss, perplexity(own.loss), own.per_client_loss)
         summary = EvalSummary(
             loss=result.loss,
             perplexity=perplexity(result.loss),
@@ -447,5 +468,6 @@ class RoundEngine:
             clients=len(result.per_client_loss),
             seconds=self.clock() - start,
             bytes_down=sum(messages[slot].nbytes() for slot in done.received),
+            personal=personal,
         )
         return summary, refused

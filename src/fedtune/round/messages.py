@@ -76,6 +76,7 @@ class EvalRequest:
     round_num: int
     global_flat: torch.Tensor
     member: Member
+    personalize: bool = False  # the run's last evaluation: also make and evaluate the personal adapter
 
     def nbytes(self) -> int:
         return self.global_flat.numel() * FLOAT32_BYTES
@@ -143,6 +144,7 @@ class EvalReport:
     client_id: str
     nll: float
     tokens: int
+    personal_nll: float | None = None  # with `personalize`: the personal adapter's, on the same tokens
 
     def nbytes(self) -> int:
-        return 16
+        return 16 if self.personal_nll is None else 24

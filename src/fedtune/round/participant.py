@@ -16,7 +16,11 @@ Under SCAFFOLD (`round.scaffold`) it trains with the correction c - c_i, takes c
 mean raw gradient (or option II's formula when the trainer reports none), and encodes
 [delta, s * Delta c_i] as one vector. Under FedNova (`normalize_steps`) the update it encodes is its delta
 per local step; a client of a lower rank than the adapter's (`spec.rank`) trains the first components of
-the global adapter, zero-padded (HetLoRA, FlexLoRA).
+the global adapter, zero-padded (HetLoRA, FlexLoRA). With `[personalize]` (`round.personal`) it keeps a
+personal adapter in its state: under ditto it trains it after the round's update, under split it trains
+from the global A and its own B and sends A's delta only; the run's last evaluation makes (finetune, or a
+client that has none yet) and evaluates it, and hands it to `keep_personal` (the simulation's run
+directory, a site's folder), never to the transport.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import torch
 
 from fedtune.data import ClientData
 from fedtune.errors import FedtuneError
-from fedtune.evaluate import client_nll
+from fedtune.evaluate import ClientNll, client_nll
 from fedtune.privacy.noise import skellam
 from fedtune.round.encode import Masking, encode_update
 from fedtune.round.messages import (
@@ -41,7 +45,8 @@ from fedtune.round.messages import (
     TrainRequest,
     TrainTask,
 )
-from fedtune.round.plan import Member, ParticipantSpec
+from fedtune.round.personal import compose
+from fedtune.round.plan import LocalWork, Member, ParticipantSpec
 from fedtune.round.scaffold import client_step, client_step_from_gradients, correction, pack
 from fedtune.round.state import ClientState, ClientStateStore
 from fedtune.secagg import SecAggClient
@@ -54,7 +59,7 @@ from fedtune.secagg.messages import (
     UnmaskResponse,
 )
 from fedtune.seeding import derive_seed, numpy_rng, torch_generator
-from fedtune.train.local import ClientUpdate, LocalModel, Trainer
+from fedtune.train.local import ClientUpdate, LocalModel, LocalTrainer, Trainer
 
 
 class ParticipantError(FedtuneError):
@@ -80,8 +85,14 @@ class Participant:
         *,
         noise_rng: np.random.Generator | None = None,
         on_step: Callable[[float], None] = lambda _loss: None,
+        personal_trainer: LocalTrainer | None = None,
+        keep_personal: Callable[[str, torch.Tensor], None] = lambda _client, _flat: None,
     ) -> None:
-        """`noise_rng` draws distributed-DP noise shares: from the OS (`privacy.noise.os_entropy_rng`)."""
+        """`noise_rng` draws distributed-DP noise shares: from the OS (`privacy.noise.os_entropy_rng`).
+        `personal_trainer` trains the personal adapter (with `[personalize]`; Ditto's has its pull as the
+        proximal term); `keep_personal(client_id, flat)` is given the personal adapter it ends with."""
+        if spec.personal is not None and personal_trainer is None:
+            raise ValueError("[personalize] needs a trainer for the personal adapter")
         self.data = data
         self.local = local
         self.trainer = trainer
@@ -89,8 +100,11 @@ class Participant:
         self.spec = spec
         self.noise_rng = noise_rng
         self.on_step = on_step
+        self.personal_trainer = personal_trainer
+        self.keep_personal = keep_personal
         self._secure: _SecureRound | None = None
         self._rank_mask: torch.Tensor | None = None
+        self._shared: torch.Tensor | None = None
 
     @property
     def client_id(self) -> str:
@@ -122,8 +136,11 @@ class Participant:
         if (task.control is None) != (spec.control is None):
             raise ParticipantError("SCAFFOLD is on at one end only: the task and the run's config disagree")
         scaffold = {} if task.control is None else {"correction": correction(task.control, state.control)}
+        start, split = self._start(task.global_flat), self._method() == "split"
+        if split and state.personal is not None:  # the global A with this client's own B
+            start = compose(start, state.personal, self._split_mask())
         update = self.trainer.train(
-            self._start(task.global_flat),
+            start,
             self.data,
             seed=derive_seed(seed, "train", task.round_num, member.index),
             steps=spec.work.steps,
@@ -149,6 +166,11 @@ class Participant:
         if self._rank_mask is not None and masking is None:
             vector = vector[self._rank_mask]  # a lower rank sends its components only (all secure inputs
             # cover every coordinate, so a secure round sends the zeros too)
+        personal = state.personal
+        if split:  # A's delta travels; the trained B stays here, in the personal adapter
+            vector, personal = vector[self._split_mask()], start + update.delta
+        elif self._method() == "ditto":
+            personal = self._ditto(task, member, state.personal)
         encoded = encode_update(
             vector,
             spec.compression,
@@ -158,8 +180,54 @@ class Participant:
             shared_seed=task.shared_seed,
             masking=None if masking is None else masking(spec.weights.of(update.num_examples)),
         )
-        self.states.commit(self.client_id, task.round_num, ClientState(encoded.residual, steps, control))
+        state = ClientState(encoded.residual, steps, control, personal)
+        self.states.commit(self.client_id, task.round_num, state)
         return Submission(replace(report, fits_clip=encoded.fits_clip), encoded.update)
+
+    # ---- personal adapters -------------------------------------------------------------------------
+
+    def _method(self) -> str:
+        return "none" if self.spec.personal is None else self.spec.personal.method
+
+    def _split_mask(self) -> torch.Tensor:
+        if self._shared is None:
+            self._shared = self.local.adapter.layout.a_mask()
+        return self._shared
+
+    def _ditto(self, task: TrainTask, member: Member, personal: torch.Tensor | None) -> torch.Tensor:
+        """Ditto: the personal adapter's local steps, pulled toward the round's global adapter."""
+        start = task.global_flat if personal is None else personal
+        seed = derive_seed(self.spec.seed, "ditto", task.round_num, member.index)
+        return self._personal_steps(start, task.global_flat, seed, self.spec.work)
+
+    def _personal_steps(
+        self, start: torch.Tensor, anchor: torch.Tensor, seed: int, work: LocalWork
+    ) -> torch.Tensor:
+        """`start` after the personal trainer's steps on this client's data (as it was, if the trainer
+        refused: a non-finite loss leaves the personal adapter where it was)."""
+        assert self.personal_trainer is not None
+        update = self.personal_trainer.train(
+            start, self.data, seed=seed, steps=work.steps, epochs=work.epochs, anchor=anchor
+        )
+        return start.clone() if update.delta is None else start + update.delta
+
+    def personal_adapter(self, request: EvalRequest) -> torch.Tensor:
+        """The client's personal adapter at the run's end: split's global A with its own B, ditto's own,
+        or (finetune, or a client without one yet) the global adapter after `personalize.steps` steps."""
+        spec = self.spec.personal
+        if spec is None:
+            raise ParticipantError("asked for a personal adapter, but personalize.method is 'none'")
+        kept = self.states.get(self.client_id).personal
+        if kept is not None and spec.method == "split":
+            return compose(request.global_flat, kept, self._split_mask())
+        if kept is not None and spec.method == "ditto":
+            return kept
+        if spec.steps == 0:
+            return request.global_flat.clone()
+        seed = derive_seed(self.spec.seed, "personalize", request.round_num, request.member.index)
+        return self._personal_steps(
+            request.global_flat, request.global_flat, seed, LocalWork(steps=spec.steps)
+        )
 
     def _start(self, global_flat: torch.Tensor) -> torch.Tensor:
         """Where training starts: the global adapter, or its first `spec.rank` components (zero-padded:
@@ -186,15 +254,25 @@ class Participant:
         )
 
     def evaluate(self, request: EvalRequest) -> EvalReport:
-        self.local.adapter.load(request.global_flat)
-        result = client_nll(
+        """The global adapter's summed loss on the held-out data; with `personalize`, the personal
+        adapter's too (made now when it must be, and handed to `keep_personal`)."""
+        personal_nll = None
+        if request.personalize:
+            personal = self.personal_adapter(request)
+            personal_nll = self._nll(personal).nll
+            self.keep_personal(self.client_id, personal)
+        result = self._nll(request.global_flat)
+        return EvalReport(self.client_id, result.nll, result.tokens, personal_nll)
+
+    def _nll(self, flat: torch.Tensor) -> ClientNll:
+        self.local.adapter.load(flat)
+        return client_nll(
             self.local.model,
             self.data,
             max_examples=self.spec.eval_examples,
             batch_size=self.spec.eval_batch_size,
             pad_id=self.local.pad_id,
         )
-        return EvalReport(self.client_id, result.nll, result.tokens)
 
     # ---- secure rounds -----------------------------------------------------------------------------
 

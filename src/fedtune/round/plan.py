@@ -18,6 +18,7 @@ from fedtune.layout import AdapterLayout
 from fedtune.privacy.dpsgd import record_epsilon
 from fedtune.privacy.noise import os_entropy_generator, os_entropy_rng
 from fedtune.privacy.plan import PrivacyPlan
+from fedtune.round.personal import PersonalSpec
 from fedtune.round.scaffold import ControlSpec
 from fedtune.secagg import FixedPoint, SecAggParams, default_threshold
 from fedtune.secagg.graph import resolve_neighbours
@@ -108,10 +109,17 @@ class RunPlan:
     ranks: tuple[int, ...] | None = None  # heterogeneous ranks: each client's LoRA rank, by population index
     layout: AdapterLayout | None = None  # where each LoRA tensor sits in the adapter vector
     control: ControlSpec | None = None  # SCAFFOLD's control variates (server.control_variates); None: off
+    personalize: bool = False  # the last evaluation also evaluates each client's personal adapter
+    split: bool = False  # personalize.method = "split": an update is the delta of the A values only
 
     @property
     def update_numel(self) -> int:
-        """Values in one client's update: the adapter's, twice under SCAFFOLD (delta, then control)."""
+        """Values in one client's update: the adapter's, twice under SCAFFOLD (delta, then control),
+        its A values only under split personalization."""
+        if self.split:
+            if self.layout is None:
+                raise ValueError("split personalization needs the adapter's layout")
+            return int(self.layout.a_mask().sum())
         return self.adapter_numel * (1 if self.control is None else 2)
 
 
@@ -141,12 +149,19 @@ class ParticipantSpec:
     normalize_steps: bool = False  # FedNova: send the delta divided by the local steps it took
     rank: int | None = None  # heterogeneous ranks: train only the first `rank` LoRA components
     control: ControlSpec | None = None  # SCAFFOLD (server.control_variates); None: off
+    personal: PersonalSpec | None = None  # [personalize] (None: method "none")
 
     @property
     def keeps_state(self) -> bool:
         """A client of this run carries state between rounds: SCAFFOLD's control, an error-feedback
-        residual, or its DP-SGD steps."""
-        return self.control is not None or self.compression.uses_error_feedback or self.dpsgd is not None
+        residual, its DP-SGD steps, or a personal adapter trained along the rounds."""
+        along = self.personal is not None and self.personal.trains_along
+        return (
+            self.control is not None
+            or self.compression.uses_error_feedback
+            or self.dpsgd is not None
+            or along
+        )
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,9 @@ out under client-level DP (who took part is part of the guarantee), the `secagg_
 aggregation, the privacy keys with `privacy.mode`, `dpsgd_epsilon_max` with `dpsgd.enabled`,
 `svd_residual` with `server.lora_aggregation = "svd"` or `"flexlora"`, the simulated clock's
 (`simulated_seconds`, `simulated_seconds_total`, `client_seconds`) in a simulation with `[clients]` profiles
-or `federation.round_deadline_s` (`client_seconds` left out under client-level DP).
+or `federation.round_deadline_s` (`client_seconds` left out under client-level DP), and on the last
+evaluation of a run with `[personalize]` the personal adapters' `personal_eval_loss` and
+`personal_eval_perplexity`.
 """
 
 from __future__ import annotations
@@ -18,6 +20,15 @@ from fedtune.privacy.dpfedavg import PrivacyMetrics
 
 
 @dataclass(frozen=True)
+class PersonalEval:
+    """Each evaluating client's personal adapter on its held-out data (the same tokens as the global's)."""
+
+    loss: float  # token-weighted over the clients
+    perplexity: float
+    per_client_loss: Mapping[str, float]
+
+
+@dataclass(frozen=True)
 class EvalSummary:
     """The global adapter after a round, on the evaluating clients' held-out data (token-weighted)."""
 
@@ -27,6 +38,7 @@ class EvalSummary:
     clients: int  # clients whose held-out loss is in `loss`
     seconds: float
     bytes_down: int  # the adapter sent to the evaluating clients
+    personal: PersonalEval | None = None  # the run's last evaluation, with [personalize]
 
 
 @dataclass(frozen=True)
@@ -139,6 +151,11 @@ class RoundResult:
             "train_seconds": self.train_seconds,
             "eval_seconds": None if ev is None else ev.seconds,
         }
+        if ev is not None and ev.personal is not None:
+            row |= {
+                "personal_eval_loss": ev.personal.loss,
+                "personal_eval_perplexity": ev.personal.perplexity,
+            }
         if self.client_ids is not None:
             row["client_ids"] = list(self.client_ids)
         if self.secagg is not None:

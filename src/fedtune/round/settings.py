@@ -1,10 +1,11 @@
-"""The `[federation]` and `[eval]` config sections: the rounds and how the global adapter is evaluated."""
+"""The `[federation]`, `[eval]` and `[personalize]` config sections: the rounds, how the global adapter is
+evaluated, and the personal adapters each client keeps."""
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import ConfigDict, Field
 
 from fedtune.section import PositiveInt, Section
 
@@ -30,3 +31,15 @@ class EvalConfig(Section):
     max_clients: PositiveInt | Literal["all"] = "all"  # a fixed, seeded subset of the population
     max_examples_per_client: PositiveInt = 8
     batch_size: PositiveInt = 8
+
+
+class PersonalizeConfig(Section):
+    """Personal adapters, one per client, next to the global one (`round.personal`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    # finetune: adapt the final global adapter; ditto: a personal adapter trained along (Ditto);
+    # split: A is shared and aggregated, B stays with each client (FedSA-LoRA)
+    method: Literal["none", "finetune", "ditto", "split"] = "none"
+    steps: int = Field(8, ge=0)  # local steps that make a personal adapter after the last round
+    lambda_: float = Field(0.1, ge=0.0, alias="lambda")  # ditto: the pull toward the global adapter

@@ -1,5 +1,5 @@
 """What a client keeps between its rounds, in one store: its error-feedback residual, its DP-SGD steps, its
-SCAFFOLD control variate c_i.
+SCAFFOLD control variate c_i, its personal adapter (`round.personal`).
 
 In simulation the engine's in-process participants share one `ClientStateStore` for the whole population;
 at a deployed site the site's process holds its own, with one entry. A participant reads its state when
@@ -10,7 +10,8 @@ simulation never repeats a round and keeps one state per client. `state_dict` / 
 part of a checkpoint (tensors apart from the JSON-able counters); a repeatable store's checkpoint also holds
 the state from before the last round, so a site restored from its file can repeat that round.
 
-Memory is what the states hold: O(adapter) per client with error feedback or SCAFFOLD, nothing otherwise.
+Memory is what the states hold: O(adapter) per client with error feedback, SCAFFOLD or a personal adapter,
+nothing otherwise.
 """
 
 from __future__ import annotations
@@ -28,14 +29,16 @@ class ClientState:
     residual: torch.Tensor | None = None  # error feedback: what compression has not yet sent (float32)
     dpsgd_steps: int = 0  # DP-SGD: local steps taken on this client's records, all rounds together
     control: torch.Tensor | None = None  # SCAFFOLD: the client's control variate c_i (float32); None: zero
+    personal: torch.Tensor | None = None  # ditto, split: the client's personal adapter (float32); None: none
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """The state's tensors by kind ("residual", "control"), those it holds."""
-        found = {"residual": self.residual, "control": self.control}
+        """The state's tensors by kind ("residual", "control", "personal"), those it holds."""
+        found = {"residual": self.residual, "control": self.control, "personal": self.personal}
         return {kind: t for kind, t in found.items() if t is not None}
 
 
 EMPTY = ClientState()
+KINDS = ("residual", "control", "personal")
 
 
 @dataclass(frozen=True, eq=False)
@@ -107,7 +110,7 @@ class ClientStateStore:
         """Replace the store's states with a checkpoint's; refuses one that does not match itself."""
         for name in tensors:
             kind, _, cid = name.removeprefix("before/").partition("/")
-            if kind not in ("residual", "control") or cid not in meta:
+            if kind not in KINDS or cid not in meta:
                 raise StateError(f"client state checkpoint has a tensor for no client: {name}")
         entries = {}
         for cid, info in meta.items():
@@ -117,11 +120,15 @@ class ClientStateStore:
                 before_steps = None if before_steps is None else int(before_steps)
             except (KeyError, TypeError, ValueError, AttributeError):
                 raise StateError(f"client state checkpoint entry for {cid!r} is malformed") from None
-            state = ClientState(tensors.get(f"residual/{cid}"), steps, tensors.get(f"control/{cid}"))
+            state = _state(tensors, cid, steps)
             before = None
             if self.repeatable and before_steps is not None:
-                before = ClientState(
-                    tensors.get(f"before/residual/{cid}"), before_steps, tensors.get(f"before/control/{cid}")
-                )
+                before = _state(tensors, cid, before_steps, prefix="before/")
             entries[cid] = _Entry(round_num, state, before)
         self._entries = entries
+
+
+def _state(tensors: dict[str, torch.Tensor], cid: str, steps: int, prefix: str = "") -> ClientState:
+    """A client's state from a checkpoint's tensors, named `{prefix}{kind}/{cid}`."""
+    found = {kind: tensors.get(f"{prefix}{kind}/{cid}") for kind in KINDS}
+    return ClientState(found["residual"], steps, found["control"], found["personal"])

@@ -5,7 +5,8 @@ trains, and hands back `local - global`. A non-finite loss or delta refuses the 
 instead of letting it into the aggregate. `Trainer` is the extension point: `LocalTrainer` here,
 `train.dpsgd.DpSgdTrainer` for sample-level DP, or a user's own; the round engine's participant calls it
 the same way in simulation and at a deployed site. With `train.proximal_mu > 0` the local objective gains
-FedProx's proximal term, which holds the client's adapter near the global one it started from; under
+FedProx's proximal term, which holds the client's adapter near the global one it started from (or near an
+`anchor`: Ditto's personal adapter is held near the round's global adapter); under
 SCAFFOLD (`round.scaffold`) every step's gradient gains the control correction c - c_i.
 """
 
@@ -123,10 +124,12 @@ class LocalTrainer:
         epochs: int | None = None,
         on_step: Callable[[float], None] = lambda _loss: None,
         correction: torch.Tensor | None = None,
+        anchor: torch.Tensor | None = None,
     ) -> ClientUpdate:
         """Train from `global_flat` on `client.train`; `seed` fixes batch order and dropout; `correction`
         (SCAFFOLD's c - c_i) is added to every step's gradient, before clipping, and the update then
-        reports the mean raw gradient of the steps."""
+        reports the mean raw gradient of the steps. `anchor`: the centre of the proximal term (default
+        the start, FedProx's; Ditto's personal adapter is pulled toward the round's global one)."""
         if correction is not None and correction.shape != global_flat.shape:
             raise ValueError(f"a gradient correction has the adapter's {global_flat.numel()} values")
         corrections = None if correction is None else self._views(correction)
@@ -151,7 +154,7 @@ class LocalTrainer:
                 if sums is not None:  # SCAFFOLD's c_i+: the raw gradients, summed in one pass
                     torch._foreach_add_(sums, [p.grad for p in self.adapter.params])
                 if self.cfg.proximal_mu > 0:
-                    self._add_proximal_gradient(global_flat)
+                    self._add_proximal_gradient(global_flat if anchor is None else anchor)
                 if corrections is not None:  # SCAFFOLD: grad + (c - c_i), one vectorized pass
                     torch._foreach_add_([p.grad for p in self.adapter.params], corrections)
                 if self.cfg.max_grad_norm > 0:
@@ -176,10 +179,10 @@ class LocalTrainer:
             mean_gradient=mean_gradient,
         )
 
-    def _add_proximal_gradient(self, global_flat: torch.Tensor) -> None:
-        """FedProx (Li et al. 2020): the gradient of mu/2 ||w - w_global||^2, mu (w - w_global), added to
+    def _add_proximal_gradient(self, anchor: torch.Tensor) -> None:
+        """FedProx (Li et al. 2020): the gradient of mu/2 ||w - anchor||^2, mu (w - anchor), added to
         each LoRA tensor's gradient in one vectorized pass (before clipping, as a term of the loss)."""
-        pull = torch.split((self.adapter.buffer - global_flat).mul_(self.cfg.proximal_mu), self._sizes)
+        pull = torch.split((self.adapter.buffer - anchor).mul_(self.cfg.proximal_mu), self._sizes)
         grads = [p.grad for p in self.adapter.params]
         torch._foreach_add_(grads, [t.view(g.shape) for t, g in zip(pull, grads, strict=True)])
 

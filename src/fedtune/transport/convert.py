@@ -49,6 +49,7 @@ def task_to_pb(message: Request, nonce: bytes, deadline_s: float) -> pb.Task:
             adapter_numel=message.global_flat.numel(),
             deadline_s=max(0.0, deadline_s),
             kind=pb.TASK_EVALUATE,
+            personalize=message.personalize,
         )
     task = message.task
     header = pb.Task(
@@ -82,7 +83,7 @@ def request_from_pb(
     secure = task.HasField("secagg")
     member = Member(int(task.secagg.slot) if secure else 0, int(task.client_index), client_id)
     if task.kind == pb.TASK_EVALUATE:
-        return EvalRequest(round_num, global_flat, member)
+        return EvalRequest(round_num, global_flat, member, bool(task.personalize))
     train = TrainTask(
         round_num,
         global_flat,
@@ -107,6 +108,8 @@ def reply_to_pb(
     if isinstance(reply, EvalReport):
         header.encoding = pb.ENCODING_EVALUATION
         header.eval_nll, header.eval_tokens = reply.nll, reply.tokens
+        if reply.personal_nll is not None:
+            header.personal_nll = reply.personal_nll
         return header, b""
     report = reply.report
     header.num_examples = report.num_examples
@@ -137,11 +140,13 @@ def reply_from_pb(
     """What a client sent, from its header and data (already checked against the round's limits)."""
     if header.encoding == pb.ENCODING_EVALUATION:
         nll, tokens = float(header.eval_nll), int(header.eval_tokens)
-        if not (math.isfinite(nll) and nll >= 0):
-            raise Refusal(
-                "malformed", f"an evaluation report's loss must be finite and non-negative, got {nll}"
-            )
-        return EvalReport(client_id, nll, tokens)
+        personal = float(header.personal_nll) if header.HasField("personal_nll") else None
+        for loss in (nll, personal):
+            if loss is not None and not (math.isfinite(loss) and loss >= 0):
+                raise Refusal(
+                    "malformed", f"an evaluation report's loss must be finite and non-negative, got {loss}"
+                )
+        return EvalReport(client_id, nll, tokens, personal)
     report = ClientReport(
         client_id=client_id,
         num_examples=int(header.num_examples),

@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10\x66\x65\x64tune_v2.proto\x12\nfedtune.v2\"P\n\x0bJoinRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x11\n\tclient_id\x18\x02 \x01(\t\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x04\"K\n\tJoinReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0f\n\x07session\x18\x02 \x01(\x0c\x12\x13\n\x0b\x63onfig_toml\x18\x03 \x01(\t\"\x1e\n\x0bTaskRequest\x12\x0f\n\x07session\x18\x01 \x01(\x0c\"\xf4\x01\n\x04Task\x12\r\n\x05round\x18\x01 \x01(\x04\x12\r\n\x05nonce\x18\x02 \x01(\x0c\x12\x14\n\x0c\x63lient_index\x18\x03 \x01(\r\x12\x15\n\radapter_numel\x18\x04 \x01(\x04\x12\x14\n\x0c\x63lip_l2_norm\x18\x05 \x01(\x01\x12\x13\n\x0bshared_seed\x18\x06 \x01(\x0c\x12\x12\n\ndeadline_s\x18\x07 \x01(\x01\x12\'\n\x06secagg\x18\x08 \x01(\x0b\x32\x17.fedtune.v2.SecAggSetup\x12\"\n\x04kind\x18\t \x01(\x0e\x32\x14.fedtune.v2.TaskKind\x12\x15\n\rcontrol_numel\x18\n \x01(\x04\"\xb5\x01\n\x0bSecAggSetup\x12\x0c\n\x04slot\x18\x01 \x01(\r\x12\x0e\n\x06\x63ohort\x18\x02 \x01(\r\x12\x11\n\tthreshold\x18\x03 \x01(\r\x12\x12\n\nneighbours\x18\x04 \x01(\r\x12\x0c\n\x04\x62its\x18\x05 \x01(\r\x12\x12\n\nclip_range\x18\x06 \x01(\x01\x12\x12\n\nmax_weight\x18\x07 \x01(\x04\x12\x13\n\x0bvector_size\x18\x08 \x01(\x04\x12\x16\n\x0enoise_variance\x18\t \x01(\x01\".\n\x04Wait\x12\x16\n\x0eretry_after_ms\x18\x01 \x01(\r\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x16\n\x04\x44one\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x92\x01\n\tTaskReply\x12 \n\x04task\x18\x01 \x01(\x0b\x32\x10.fedtune.v2.TaskH\x00\x12\x17\n\radapter_chunk\x18\x02 \x01(\x0cH\x00\x12 \n\x04wait\x18\x03 \x01(\x0b\x32\x10.fedtune.v2.WaitH\x00\x12 \n\x04\x64one\x18\x04 \x01(\x0b\x32\x10.fedtune.v2.DoneH\x00\x42\x06\n\x04kind\"\xae\x02\n\x0cUpdateHeader\x12\x0f\n\x07session\x18\x01 \x01(\x0c\x12\r\n\x05round\x18\x02 \x01(\x04\x12\r\n\x05nonce\x18\x03 \x01(\x0c\x12&\n\x08\x65ncoding\x18\x04 \x01(\x0e\x32\x14.fedtune.v2.Encoding\x12\x13\n\x0btotal_bytes\x18\x05 \x01(\x04\x12\x14\n\x0cnum_examples\x18\x06 \x01(\x04\x12\x11\n\tnum_steps\x18\x07 \x01(\r\x12\x12\n\ntrain_loss\x18\x08 \x01(\x01\x12\r\n\x05\x65rror\x18\t \x01(\t\x12\x11\n\tfits_clip\x18\n \x01(\x08\x12\x10\n\x08\x65val_nll\x18\x0b \x01(\x01\x12\x13\n\x0b\x65val_tokens\x18\x0c \x01(\x04\x12\x1a\n\rdpsgd_epsilon\x18\r \x01(\x01H\x00\x88\x01\x01\x42\x10\n\x0e_dpsgd_epsilon\"Q\n\x0bUpdateChunk\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.fedtune.v2.UpdateHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04kind\"/\n\x0bSubmitReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\"=\n\x08PeerKeys\x12\x0e\n\x06\x63lient\x18\x01 \x01(\r\x12\x0f\n\x07\x65nc_key\x18\x02 \x01(\x0c\x12\x10\n\x08mask_key\x18\x03 \x01(\x0c\"?\n\x0bSealedShare\x12\x0e\n\x06sender\x18\x01 \x01(\r\x12\x10\n\x08receiver\x18\x02 \x01(\r\x12\x0e\n\x06sealed\x18\x03 \x01(\x0c\"*\n\nOwnerShare\x12\r\n\x05owner\x18\x01 \x01(\r\x12\r\n\x05share\x18\x02 \x01(\x0c\"2\n\rAdvertiseKeys\x12\x0f\n\x07\x65nc_key\x18\x01 \x01(\x0c\x12\x10\n\x08mask_key\x18\x02 \x01(\x0c\"4\n\tShareKeys\x12\'\n\x06shares\x18\x01 \x03(\x0b\x32\x17.fedtune.v2.SealedShare\"a\n\x06Unmask\x12+\n\x0bseed_shares\x18\x01 \x03(\x0b\x32\x16.fedtune.v2.OwnerShare\x12*\n\nkey_shares\x18\x02 \x03(\x0b\x32\x16.fedtune.v2.OwnerShare\"\x15\n\x04Poll\x12\r\n\x05stage\x18\x01 \x01(\r\"\xe7\x01\n\rSecAggRequest\x12\x0f\n\x07session\x18\x01 \x01(\x0c\x12\r\n\x05round\x18\x02 \x01(\x04\x12\r\n\x05nonce\x18\x03 \x01(\x0c\x12.\n\tadvertise\x18\x04 \x01(\x0b\x32\x19.fedtune.v2.AdvertiseKeysH\x00\x12&\n\x05share\x18\x05 \x01(\x0b\x32\x15.fedtune.v2.ShareKeysH\x00\x12$\n\x06unmask\x18\x06 \x01(\x0b\x32\x12.fedtune.v2.UnmaskH\x00\x12 \n\x04poll\x18\x07 \x01(\x0b\x32\x10.fedtune.v2.PollH\x00\x42\x07\n\x05stage\"9\n\rNeighbourKeys\x12(\n\nneighbours\x18\x01 \x03(\x0b\x32\x14.fedtune.v2.PeerKeys\":\n\x0f\x46orwardedShares\x12\'\n\x06shares\x18\x01 \x03(\x0b\x32\x17.fedtune.v2.SealedShare\"3\n\rUnmaskRequest\x12\x11\n\tsurvivors\x18\x01 \x03(\r\x12\x0f\n\x07\x64ropped\x18\x02 \x03(\r\"\x05\n\x03\x41\x63k\"\x95\x02\n\x0bSecAggReply\x12\x1e\n\x03\x61\x63k\x18\x01 \x01(\x0b\x32\x0f.fedtune.v2.AckH\x00\x12 \n\x04wait\x18\x02 \x01(\x0b\x32\x10.fedtune.v2.WaitH\x00\x12\x33\n\x0eneighbour_keys\x18\x03 \x01(\x0b\x32\x19.fedtune.v2.NeighbourKeysH\x00\x12\x30\n\tforwarded\x18\x04 \x01(\x0b\x32\x1b.fedtune.v2.ForwardedSharesH\x00\x12\x33\n\x0eunmask_request\x18\x05 \x01(\x0b\x32\x19.fedtune.v2.UnmaskRequestH\x00\x12 \n\x04\x64one\x18\x06 \x01(\x0b\x32\x10.fedtune.v2.DoneH\x00\x42\x06\n\x04kind*-\n\x08TaskKind\x12\x0e\n\nTASK_TRAIN\x10\x00\x12\x11\n\rTASK_EVALUATE\x10\x01*\x94\x01\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x14\n\x10\x45NCODING_FLOAT32\x10\x01\x12\x14\n\x10\x45NCODING_PAYLOAD\x10\x02\x12\x14\n\x10\x45NCODING_REFUSED\x10\x03\x12\x13\n\x0f\x45NCODING_MASKED\x10\x04\x12\x17\n\x13\x45NCODING_EVALUATION\x10\x05\x32\x83\x02\n\nFederation\x12\x36\n\x04Join\x12\x17.fedtune.v2.JoinRequest\x1a\x15.fedtune.v2.JoinReply\x12;\n\x07GetTask\x12\x17.fedtune.v2.TaskRequest\x1a\x15.fedtune.v2.TaskReply0\x01\x12\x42\n\x0cSubmitUpdate\x12\x17.fedtune.v2.UpdateChunk\x1a\x17.fedtune.v2.SubmitReply(\x01\x12<\n\x06SecAgg\x12\x19.fedtune.v2.SecAggRequest\x1a\x17.fedtune.v2.SecAggReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10\x66\x65\x64tune_v2.proto\x12\nfedtune.v2\"P\n\x0bJoinRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x11\n\tclient_id\x18\x02 \x01(\t\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x04\"K\n\tJoinReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0f\n\x07session\x18\x02 \x01(\x0c\x12\x13\n\x0b\x63onfig_toml\x18\x03 \x01(\t\"\x1e\n\x0bTaskRequest\x12\x0f\n\x07session\x18\x01 \x01(\x0c\"\x89\x02\n\x04Task\x12\r\n\x05round\x18\x01 \x01(\x04\x12\r\n\x05nonce\x18\x02 \x01(\x0c\x12\x14\n\x0c\x63lient_index\x18\x03 \x01(\r\x12\x15\n\radapter_numel\x18\x04 \x01(\x04\x12\x14\n\x0c\x63lip_l2_norm\x18\x05 \x01(\x01\x12\x13\n\x0bshared_seed\x18\x06 \x01(\x0c\x12\x12\n\ndeadline_s\x18\x07 \x01(\x01\x12\'\n\x06secagg\x18\x08 \x01(\x0b\x32\x17.fedtune.v2.SecAggSetup\x12\"\n\x04kind\x18\t \x01(\x0e\x32\x14.fedtune.v2.TaskKind\x12\x15\n\rcontrol_numel\x18\n \x01(\x04\x12\x13\n\x0bpersonalize\x18\x0b \x01(\x08\"\xb5\x01\n\x0bSecAggSetup\x12\x0c\n\x04slot\x18\x01 \x01(\r\x12\x0e\n\x06\x63ohort\x18\x02 \x01(\r\x12\x11\n\tthreshold\x18\x03 \x01(\r\x12\x12\n\nneighbours\x18\x04 \x01(\r\x12\x0c\n\x04\x62its\x18\x05 \x01(\r\x12\x12\n\nclip_range\x18\x06 \x01(\x01\x12\x12\n\nmax_weight\x18\x07 \x01(\x04\x12\x13\n\x0bvector_size\x18\x08 \x01(\x04\x12\x16\n\x0enoise_variance\x18\t \x01(\x01\".\n\x04Wait\x12\x16\n\x0eretry_after_ms\x18\x01 \x01(\r\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x16\n\x04\x44one\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x92\x01\n\tTaskReply\x12 \n\x04task\x18\x01 \x01(\x0b\x32\x10.fedtune.v2.TaskH\x00\x12\x17\n\radapter_chunk\x18\x02 \x01(\x0cH\x00\x12 \n\x04wait\x18\x03 \x01(\x0b\x32\x10.fedtune.v2.WaitH\x00\x12 \n\x04\x64one\x18\x04 \x01(\x0b\x32\x10.fedtune.v2.DoneH\x00\x42\x06\n\x04kind\"\xda\x02\n\x0cUpdateHeader\x12\x0f\n\x07session\x18\x01 \x01(\x0c\x12\r\n\x05round\x18\x02 \x01(\x04\x12\r\n\x05nonce\x18\x03 \x01(\x0c\x12&\n\x08\x65ncoding\x18\x04 \x01(\x0e\x32\x14.fedtune.v2.Encoding\x12\x13\n\x0btotal_bytes\x18\x05 \x01(\x04\x12\x14\n\x0cnum_examples\x18\x06 \x01(\x04\x12\x11\n\tnum_steps\x18\x07 \x01(\r\x12\x12\n\ntrain_loss\x18\x08 \x01(\x01\x12\r\n\x05\x65rror\x18\t \x01(\t\x12\x11\n\tfits_clip\x18\n \x01(\x08\x12\x10\n\x08\x65val_nll\x18\x0b \x01(\x01\x12\x13\n\x0b\x65val_tokens\x18\x0c \x01(\x04\x12\x1a\n\rdpsgd_epsilon\x18\r \x01(\x01H\x00\x88\x01\x01\x12\x19\n\x0cpersonal_nll\x18\x0e \x01(\x01H\x01\x88\x01\x01\x42\x10\n\x0e_dpsgd_epsilonB\x0f\n\r_personal_nll\"Q\n\x0bUpdateChunk\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.fedtune.v2.UpdateHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04kind\"/\n\x0bSubmitReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\"=\n\x08PeerKeys\x12\x0e\n\x06\x63lient\x18\x01 \x01(\r\x12\x0f\n\x07\x65nc_key\x18\x02 \x01(\x0c\x12\x10\n\x08mask_key\x18\x03 \x01(\x0c\"?\n\x0bSealedShare\x12\x0e\n\x06sender\x18\x01 \x01(\r\x12\x10\n\x08receiver\x18\x02 \x01(\r\x12\x0e\n\x06sealed\x18\x03 \x01(\x0c\"*\n\nOwnerShare\x12\r\n\x05owner\x18\x01 \x01(\r\x12\r\n\x05share\x18\x02 \x01(\x0c\"2\n\rAdvertiseKeys\x12\x0f\n\x07\x65nc_key\x18\x01 \x01(\x0c\x12\x10\n\x08mask_key\x18\x02 \x01(\x0c\"4\n\tShareKeys\x12\'\n\x06shares\x18\x01 \x03(\x0b\x32\x17.fedtune.v2.SealedShare\"a\n\x06Unmask\x12+\n\x0bseed_shares\x18\x01 \x03(\x0b\x32\x16.fedtune.v2.OwnerShare\x12*\n\nkey_shares\x18\x02 \x03(\x0b\x32\x16.fedtune.v2.OwnerShare\"\x15\n\x04Poll\x12\r\n\x05stage\x18\x01 \x01(\r\"\xe7\x01\n\rSecAggRequest\x12\x0f\n\x07session\x18\x01 \x01(\x0c\x12\r\n\x05round\x18\x02 \x01(\x04\x12\r\n\x05nonce\x18\x03 \x01(\x0c\x12.\n\tadvertise\x18\x04 \x01(\x0b\x32\x19.fedtune.v2.AdvertiseKeysH\x00\x12&\n\x05share\x18\x05 \x01(\x0b\x32\x15.fedtune.v2.ShareKeysH\x00\x12$\n\x06unmask\x18\x06 \x01(\x0b\x32\x12.fedtune.v2.UnmaskH\x00\x12 \n\x04poll\x18\x07 \x01(\x0b\x32\x10.fedtune.v2.PollH\x00\x42\x07\n\x05stage\"9\n\rNeighbourKeys\x12(\n\nneighbours\x18\x01 \x03(\x0b\x32\x14.fedtune.v2.PeerKeys\":\n\x0f\x46orwardedShares\x12\'\n\x06shares\x18\x01 \x03(\x0b\x32\x17.fedtune.v2.SealedShare\"3\n\rUnmaskRequest\x12\x11\n\tsurvivors\x18\x01 \x03(\r\x12\x0f\n\x07\x64ropped\x18\x02 \x03(\r\"\x05\n\x03\x41\x63k\"\x95\x02\n\x0bSecAggReply\x12\x1e\n\x03\x61\x63k\x18\x01 \x01(\x0b\x32\x0f.fedtune.v2.AckH\x00\x12 \n\x04wait\x18\x02 \x01(\x0b\x32\x10.fedtune.v2.WaitH\x00\x12\x33\n\x0eneighbour_keys\x18\x03 \x01(\x0b\x32\x19.fedtune.v2.NeighbourKeysH\x00\x12\x30\n\tforwarded\x18\x04 \x01(\x0b\x32\x1b.fedtune.v2.ForwardedSharesH\x00\x12\x33\n\x0eunmask_request\x18\x05 \x01(\x0b\x32\x19.fedtune.v2.UnmaskRequestH\x00\x12 \n\x04\x64one\x18\x06 \x01(\x0b\x32\x10.fedtune.v2.DoneH\x00\x42\x06\n\x04kind*-\n\x08TaskKind\x12\x0e\n\nTASK_TRAIN\x10\x00\x12\x11\n\rTASK_EVALUATE\x10\x01*\x94\x01\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x14\n\x10\x45NCODING_FLOAT32\x10\x01\x12\x14\n\x10\x45NCODING_PAYLOAD\x10\x02\x12\x14\n\x10\x45NCODING_REFUSED\x10\x03\x12\x13\n\x0f\x45NCODING_MASKED\x10\x04\x12\x17\n\x13\x45NCODING_EVALUATION\x10\x05\x32\x83\x02\n\nFederation\x12\x36\n\x04Join\x12\x17.fedtune.v2.JoinRequest\x1a\x15.fedtune.v2.JoinReply\x12;\n\x07GetTask\x12\x17.fedtune.v2.TaskRequest\x1a\x15.fedtune.v2.TaskReply0\x01\x12\x42\n\x0cSubmitUpdate\x12\x17.fedtune.v2.UpdateChunk\x1a\x17.fedtune.v2.SubmitReply(\x01\x12<\n\x06SecAgg\x12\x19.fedtune.v2.SecAggRequest\x1a\x17.fedtune.v2.SecAggReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fedtune_v2_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TASKKIND']._serialized_start=2405
-  _globals['_TASKKIND']._serialized_end=2450
-  _globals['_ENCODING']._serialized_start=2453
-  _globals['_ENCODING']._serialized_end=2601
+  _globals['_TASKKIND']._serialized_start=2470
+  _globals['_TASKKIND']._serialized_end=2515
+  _globals['_ENCODING']._serialized_start=2518
+  _globals['_ENCODING']._serialized_end=2666
   _globals['_JOINREQUEST']._serialized_start=32
   _globals['_JOINREQUEST']._serialized_end=112
   _globals['_JOINREPLY']._serialized_start=114
@@ -42,47 +42,47 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TASKREQUEST']._serialized_start=191
   _globals['_TASKREQUEST']._serialized_end=221
   _globals['_TASK']._serialized_start=224
-  _globals['_TASK']._serialized_end=468
-  _globals['_SECAGGSETUP']._serialized_start=471
-  _globals['_SECAGGSETUP']._serialized_end=652
-  _globals['_WAIT']._serialized_start=654
-  _globals['_WAIT']._serialized_end=700
-  _globals['_DONE']._serialized_start=702
-  _globals['_DONE']._serialized_end=724
-  _globals['_TASKREPLY']._serialized_start=727
-  _globals['_TASKREPLY']._serialized_end=873
-  _globals['_UPDATEHEADER']._serialized_start=876
-  _globals['_UPDATEHEADER']._serialized_end=1178
-  _globals['_UPDATECHUNK']._serialized_start=1180
-  _globals['_UPDATECHUNK']._serialized_end=1261
-  _globals['_SUBMITREPLY']._serialized_start=1263
-  _globals['_SUBMITREPLY']._serialized_end=1310
-  _globals['_PEERKEYS']._serialized_start=1312
-  _globals['_PEERKEYS']._serialized_end=1373
-  _globals['_SEALEDSHARE']._serialized_start=1375
-  _globals['_SEALEDSHARE']._serialized_end=1438
-  _globals['_OWNERSHARE']._serialized_start=1440
-  _globals['_OWNERSHARE']._serialized_end=1482
-  _globals['_ADVERTISEKEYS']._serialized_start=1484
-  _globals['_ADVERTISEKEYS']._serialized_end=1534
-  _globals['_SHAREKEYS']._serialized_start=1536
-  _globals['_SHAREKEYS']._serialized_end=1588
-  _globals['_UNMASK']._serialized_start=1590
-  _globals['_UNMASK']._serialized_end=1687
-  _globals['_POLL']._serialized_start=1689
-  _globals['_POLL']._serialized_end=1710
-  _globals['_SECAGGREQUEST']._serialized_start=1713
-  _globals['_SECAGGREQUEST']._serialized_end=1944
-  _globals['_NEIGHBOURKEYS']._serialized_start=1946
-  _globals['_NEIGHBOURKEYS']._serialized_end=2003
-  _globals['_FORWARDEDSHARES']._serialized_start=2005
-  _globals['_FORWARDEDSHARES']._serialized_end=2063
-  _globals['_UNMASKREQUEST']._serialized_start=2065
-  _globals['_UNMASKREQUEST']._serialized_end=2116
-  _globals['_ACK']._serialized_start=2118
-  _globals['_ACK']._serialized_end=2123
-  _globals['_SECAGGREPLY']._serialized_start=2126
-  _globals['_SECAGGREPLY']._serialized_end=2403
-  _globals['_FEDERATION']._serialized_start=2604
-  _globals['_FEDERATION']._serialized_end=2863
+  _globals['_TASK']._serialized_end=489
+  _globals['_SECAGGSETUP']._serialized_start=492
+  _globals['_SECAGGSETUP']._serialized_end=673
+  _globals['_WAIT']._serialized_start=675
+  _globals['_WAIT']._serialized_end=721
+  _globals['_DONE']._serialized_start=723
+  _globals['_DONE']._serialized_end=745
+  _globals['_TASKREPLY']._serialized_start=748
+  _globals['_TASKREPLY']._serialized_end=894
+  _globals['_UPDATEHEADER']._serialized_start=897
+  _globals['_UPDATEHEADER']._serialized_end=1243
+  _globals['_UPDATECHUNK']._serialized_start=1245
+  _globals['_UPDATECHUNK']._serialized_end=1326
+  _globals['_SUBMITREPLY']._serialized_start=1328
+  _globals['_SUBMITREPLY']._serialized_end=1375
+  _globals['_PEERKEYS']._serialized_start=1377
+  _globals['_PEERKEYS']._serialized_end=1438
+  _globals['_SEALEDSHARE']._serialized_start=1440
+  _globals['_SEALEDSHARE']._serialized_end=1503
+  _globals['_OWNERSHARE']._serialized_start=1505
+  _globals['_OWNERSHARE']._serialized_end=1547
+  _globals['_ADVERTISEKEYS']._serialized_start=1549
+  _globals['_ADVERTISEKEYS']._serialized_end=1599
+  _globals['_SHAREKEYS']._serialized_start=1601
+  _globals['_SHAREKEYS']._serialized_end=1653
+  _globals['_UNMASK']._serialized_start=1655
+  _globals['_UNMASK']._serialized_end=1752
+  _globals['_POLL']._serialized_start=1754
+  _globals['_POLL']._serialized_end=1775
+  _globals['_SECAGGREQUEST']._serialized_start=1778
+  _globals['_SECAGGREQUEST']._serialized_end=2009
+  _globals['_NEIGHBOURKEYS']._serialized_start=2011
+  _globals['_NEIGHBOURKEYS']._serialized_end=2068
+  _globals['_FORWARDEDSHARES']._serialized_start=2070
+  _globals['_FORWARDEDSHARES']._serialized_end=2128
+  _globals['_UNMASKREQUEST']._serialized_start=2130
+  _globals['_UNMASKREQUEST']._serialized_end=2181
+  _globals['_ACK']._serialized_start=2183
+  _globals['_ACK']._serialized_end=2188
+  _globals['_SECAGGREPLY']._serialized_start=2191
+  _globals['_SECAGGREPLY']._serialized_end=2468
+  _globals['_FEDERATION']._serialized_start=2669
+  _globals['_FEDERATION']._serialized_end=2928
 # @@protoc_insertion_point(module_scope)

@@ -56,7 +56,7 @@ class TaskRequest(_message.Message):
     def __init__(self, session: _Optional[bytes] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("round", "nonce", "client_index", "adapter_numel", "clip_l2_norm", "shared_seed", "deadline_s", "secagg", "kind", "control_numel")
+    __slots__ = ("round", "nonce", "client_index", "adapter_numel", "clip_l2_norm", "shared_seed", "deadline_s", "secagg", "kind", "control_numel", "personalize")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     NONCE_FIELD_NUMBER: _ClassVar[int]
     CLIENT_INDEX_FIELD_NUMBER: _ClassVar[int]
@@ -67,6 +67,7 @@ class Task(_message.Message):
     SECAGG_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     CONTROL_NUMEL_FIELD_NUMBER: _ClassVar[int]
+    PERSONALIZE_FIELD_NUMBER: _ClassVar[int]
     round: int
     nonce: bytes
     client_index: int
@@ -77,7 +78,8 @@ class Task(_message.Message):
     secagg: SecAggSetup
     kind: TaskKind
     control_numel: int
-    def __init__(self, round: _Optional[int] = ..., nonce: _Optional[bytes] = ..., client_index: _Optional[int] = ..., adapter_numel: _Optional[int] = ..., clip_l2_norm: _Optional[float] = ..., shared_seed: _Optional[bytes] = ..., deadline_s: _Optional[float] = ..., secagg: _Optional[_Union[SecAggSetup, _Mapping]] = ..., kind: _Optional[_Union[TaskKind, str]] = ..., control_numel: _Optional[int] = ...) -> None: ...
+    personalize: bool
+    def __init__(self, round: _Optional[int] = ..., nonce: _Optional[bytes] = ..., client_index: _Optional[int] = ..., adapter_numel: _Optional[int] = ..., clip_l2_norm: _Optional[float] = ..., shared_seed: _Optional[bytes] = ..., deadline_s: _Optional[float] = ..., secagg: _Optional[_Union[SecAggSetup, _Mapping]] = ..., kind: _Optional[_Union[TaskKind, str]] = ..., control_numel: _Optional[int] = ..., personalize: _Optional[bool] = ...) -> None: ...
 
 class SecAggSetup(_message.Message):
     __slots__ = ("slot", "cohort", "threshold", "neighbours", "bits", "clip_range", "max_weight", "vector_size", "noise_variance")
@@ -128,7 +130,7 @@ class TaskReply(_message.Message):
     def __init__(self, task: _Optional[_Union[Task, _Mapping]] = ..., adapter_chunk: _Optional[bytes] = ..., wait: _Optional[_Union[Wait, _Mapping]] = ..., done: _Optional[_Union[Done, _Mapping]] = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
-    __slots__ = ("session", "round", "nonce", "encoding", "total_bytes", "num_examples", "num_steps", "train_loss", "error", "fits_clip", "eval_nll", "eval_tokens", "dpsgd_epsilon")
+    __slots__ = ("session", "round", "nonce", "encoding", "total_bytes", "num_examples", "num_steps", "train_loss", "error", "fits_clip", "eval_nll", "eval_tokens", "dpsgd_epsilon", "personal_nll")
     SESSION_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     NONCE_FIELD_NUMBER: _ClassVar[int]
@@ -142,6 +144,7 @@ class UpdateHeader(_message.Message):
     EVAL_NLL_FIELD_NUMBER: _ClassVar[int]
     EVAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     DPSGD_EPSILON_FIELD_NUMBER: _ClassVar[int]
+    PERSONAL_NLL_FIELD_NUMBER: _ClassVar[int]
     session: bytes
     round: int
     nonce: bytes
@@ -155,7 +158,8 @@ class UpdateHeader(_message.Message):
     eval_nll: float
     eval_tokens: int
     dpsgd_epsilon: float
-    def __init__(self, session: _Optional[bytes] = ..., round: _Optional[int] = ..., nonce: _Optional[bytes] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., total_bytes: _Optional[int] = ..., num_examples: _Optional[int] = ..., num_steps: _Optional[int] = ..., train_loss: _Optional[float] = ..., error: _Optional[str] = ..., fits_clip: _Optional[bool] = ..., eval_nll: _Optional[float] = ..., eval_tokens: _Optional[int] = ..., dpsgd_epsilon: _Optional[float] = ...) -> None: ...
+    personal_nll: float
+    def __init__(self, session: _Optional[bytes] = ..., round: _Optional[int] = ..., nonce: _Optional[bytes] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., total_bytes: _Optional[int] = ..., num_examples: _Optional[int] = ..., num_steps: _Optional[int] = ..., train_loss: _Optional[float] = ..., error: _Optional[str] = ..., fits_clip: _Optional[bool] = ..., eval_nll: _Optional[float] = ..., eval_tokens: _Optional[int] = ..., dpsgd_epsilon: _Optional[float] = ..., personal_nll: _Optional[float] = ...) -> None: ...
 
 class UpdateChunk(_message.Message):
     __slots__ = ("header", "data")
