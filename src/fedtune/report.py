@@ -33,7 +33,7 @@ def fmt(value: Any, spec: str) -> str:
     return DASH if value is None else format(value, spec)
 
 
-def fmt_mb(num_bytes: int | None) -> str:
+def fmt_mb(num_bytes: float | None) -> str:
     """Bytes as decimal megabytes: two decimals from 1 MB, three significant digits below."""
     if num_bytes is None:
         return DASH
