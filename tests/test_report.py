@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from fedtune.report import _fmt_mb, _tick_labels, headline, write_report
+from fedtune.report import _tick_labels, fmt_mb, headline, write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MB = 1_000_000
@@ -151,10 +151,10 @@ def test_headline_without_evaluation_or_with_a_single_one() -> None:
 
 
 def test_small_formatters() -> None:
-    assert _fmt_mb(None) == "–"
-    assert _fmt_mb(1_234_567) == "1.23"
-    assert _fmt_mb(1_234_567_890) == "1,234.57"
-    assert _fmt_mb(12_345) == "0.0123"
+    assert fmt_mb(None) == "–"
+    assert fmt_mb(1_234_567) == "1.23"
+    assert fmt_mb(1_234_567_890) == "1,234.57"
+    assert fmt_mb(12_345) == "0.0123"
     assert _tick_labels(["a", "b"]) == ["a", "b"]
     assert _tick_labels(["shakespeare_ROMEO", "shakespeare_JULIET"]) == ["…ROMEO", "…JULIET"]
     assert _tick_labels(["a-very-long-client-id", "b"]) == ["a-very-long…", "b"]

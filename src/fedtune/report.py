@@ -7,6 +7,8 @@ and are left out of plots and counts. Above 40 clients the per-client plot turns
 into a before/after scatter; above 25 clients the per-client table keeps the 10 most and 10 least
 improved. A run on the simulated clock (rows with `simulated_seconds_total`) also gets `time.png`: eval
 loss against simulated seconds (time-to-accuracy), and a column of each round's simulated seconds.
+The public helpers (`fmt`, `fmt_mb`, `finite`, `markdown_table`, `save_figure`) also serve
+`fedtune.compare.report`.
 """
 
 from __future__ import annotations
@@ -26,12 +28,12 @@ SHOW_CLIENTS = 10
 MAX_LABEL_CHARS = 12
 
 
-def _fmt(value: Any, spec: str) -> str:
+def fmt(value: Any, spec: str) -> str:
     """`value` formatted with `spec`, or a dash when it is missing."""
     return DASH if value is None else format(value, spec)
 
 
-def _fmt_mb(num_bytes: int | None) -> str:
+def fmt_mb(num_bytes: float | None) -> str:
     """Bytes as decimal megabytes: two decimals from 1 MB, three significant digits below."""
     if num_bytes is None:
         return DASH
@@ -39,7 +41,7 @@ def _fmt_mb(num_bytes: int | None) -> str:
     return f"{mb:,.2f}" if mb >= 1 else f"{mb:.3g}"
 
 
-def _finite(value: Any) -> float | None:
+def finite(value: Any) -> float | None:
     """`value` as a float, or None when it is missing, NaN or infinite."""
     if value is None or not math.isfinite(value):
         return None
@@ -51,7 +53,8 @@ def _cell(text: str) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
-def _table(header: list[str], body: list[list[str]]) -> list[str]:
+def markdown_table(header: list[str], body: list[list[str]]) -> list[str]:
+    """A Markdown table's lines; cells are escaped."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return lines + ["| " + " | ".join(_cell(c) for c in row) + " |" for row in body]
 
@@ -81,7 +84,7 @@ def _client_changes(
     """(client, before, after, after - before), most improved first; incomparable clients last."""
     out = []
     for cid, losses in client_eval.items():
-        before, after = _finite(losses.get("before")), _finite(losses.get("after"))
+        before, after = finite(losses.get("before")), finite(losses.get("after"))
         change = None if before is None or after is None else after - before
         out.append((cid, before, after, change))
     return sorted(out, key=lambda c: (c[3] is None, c[3] or 0.0))
@@ -89,7 +92,7 @@ def _client_changes(
 
 def _percent_change(before: float, after: float) -> float | None:
     """Relative change in percent, or None when it is undefined."""
-    if _finite(before) in (None, 0.0) or _finite(after) is None:
+    if finite(before) in (None, 0.0) or finite(after) is None:
         return None
     return 100 * (after - before) / before
 
@@ -131,28 +134,28 @@ def round_table(rows: list[dict[str, Any]]) -> list[str]:
     body = []
     for r in rows:
         cells = [
-            _fmt(r.get("round"), "d"),
-            _fmt(r.get("clients"), "d"),
-            _fmt(r.get("train_loss"), ".4f"),
-            _fmt(r.get("eval_loss"), ".4f"),
-            _fmt(r.get("eval_perplexity"), ",.2f"),
-            _fmt_mb(r.get("bytes_up")),
-            _fmt_mb(r.get("bytes_down")),
-            _fmt(r.get("seconds"), ".1f"),
+            fmt(r.get("round"), "d"),
+            fmt(r.get("clients"), "d"),
+            fmt(r.get("train_loss"), ".4f"),
+            fmt(r.get("eval_loss"), ".4f"),
+            fmt(r.get("eval_perplexity"), ",.2f"),
+            fmt_mb(r.get("bytes_up")),
+            fmt_mb(r.get("bytes_down")),
+            fmt(r.get("seconds"), ".1f"),
         ]
         if show_simulated:
-            cells.append(_fmt(r.get("simulated_seconds"), ",.1f"))
+            cells.append(fmt(r.get("simulated_seconds"), ",.1f"))
         if show_failed:
             failed = r.get("failed_clients")
             cells.insert(2, DASH if failed is None else str(len(failed)))
         body.append(cells)
-    return _table(header, body)
+    return markdown_table(header, body)
 
 
 def client_table(client_eval: dict[str, dict[str, float]]) -> list[str]:
     """Per-client eval loss before/after, most improved first; long lists keep both ends."""
     changes = _client_changes(client_eval)
-    body = [[cid, _fmt(b, ".4f"), _fmt(a, ".4f"), _fmt(c, "+.4f")] for cid, b, a, c in changes]
+    body = [[cid, fmt(b, ".4f"), fmt(a, ".4f"), fmt(c, "+.4f")] for cid, b, a, c in changes]
     note = []
     if len(body) > MAX_TABLE_CLIENTS:
         body = [*body[:SHOW_CLIENTS], ["…", "", "", ""], *body[-SHOW_CLIENTS:]]
@@ -161,10 +164,11 @@ def client_table(client_eval: dict[str, dict[str, float]]) -> list[str]:
             f"Showing the {SHOW_CLIENTS} most and {SHOW_CLIENTS} least improved of "
             f"{len(changes):,} clients; the plot above shows all of them.",
         ]
-    return _table(["client", "before", "after", "change"], body) + note
+    return markdown_table(["client", "before", "after", "change"], body) + note
 
 
-def _save(fig: Figure, path: Path) -> None:
+def save_figure(fig: Figure, path: Path) -> None:
+    """Render `fig` on an Agg canvas into `path` (a PNG); no global backend is touched."""
     FigureCanvasAgg(fig)
     fig.savefig(path, dpi=110)
 
@@ -173,7 +177,7 @@ def _plot_loss(rows: list[dict[str, Any]], path: Path) -> None:
     fig = Figure(figsize=(7, 4), layout="constrained")
     ax = fig.add_subplot()
     for key, label, style in [("train_loss", "train loss", "-"), ("eval_loss", "eval loss", "o-")]:
-        points = [(r["round"], _finite(r.get(key))) for r in rows if r.get("round") is not None]
+        points = [(r["round"], finite(r.get(key))) for r in rows if r.get("round") is not None]
         points = [(x, y) for x, y in points if y is not None]
         if points:
             ax.plot(*zip(*points, strict=True), style, label=label)
@@ -185,14 +189,14 @@ def _plot_loss(rows: list[dict[str, Any]], path: Path) -> None:
     ax.set_ylabel("loss")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def _plot_time(rows: list[dict[str, Any]], path: Path) -> None:
     """Eval loss against the run's simulated seconds: time-to-accuracy."""
     fig = Figure(figsize=(7, 4), layout="constrained")
     ax = fig.add_subplot()
-    points = [(_finite(r.get("simulated_seconds_total")), _finite(r.get("eval_loss"))) for r in rows]
+    points = [(finite(r.get("simulated_seconds_total")), finite(r.get("eval_loss"))) for r in rows]
     kept = [(x, y) for x, y in points if x is not None and y is not None]
     if kept:
         ax.plot(*zip(*kept, strict=True), "o-", label="eval loss")
@@ -202,7 +206,7 @@ def _plot_time(rows: list[dict[str, Any]], path: Path) -> None:
     ax.set_xlabel("simulated seconds")
     ax.set_ylabel("eval loss")
     ax.grid(alpha=0.3)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def _plot_clients(client_eval: dict[str, dict[str, float]], path: Path) -> None:
@@ -243,7 +247,7 @@ def _plot_clients(client_eval: dict[str, dict[str, float]], path: Path) -> None:
         title += " (below the line)"
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def write_report(
@@ -263,7 +267,7 @@ def write_report(
     _plot_clients(client_eval, run_dir / "clients.png")
     lines = [f"# {title}", ""]
     if summary:
-        lines += [*_table(["", ""], [[k, v] for k, v in summary.items()]), ""]
+        lines += [*markdown_table(["", ""], [[k, v] for k, v in summary.items()]), ""]
     lines += [headline(rows, client_eval), "", "## Rounds", "", *round_table(rows), ""]
     lines += ["![train and eval loss per round](loss.png)", ""]
     if simulated(rows):
