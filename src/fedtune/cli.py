@@ -62,6 +62,25 @@ def run(config: ConfigArg = None, set_: SetOption = None) -> None:
     console.print(f"adapter: {result.run_dir / 'adapter'}   report: {result.run_dir / 'report.md'}")
 
 
+@app.command("compare")
+def compare_arms(
+    config: ConfigArg = None,
+    set_: SetOption = None,
+    seeds: Annotated[int, typer.Option(min=1, help="Repetitions, run.seed upward.")] = 3,
+) -> None:
+    """Does federation pay off? Base, local-only, centralized, federated (and personalized) on the same
+    clients, for several seeds, with a verdict; writes runs/<name>/compare/."""
+    from fedtune.config import load_config
+
+    cfg = load_config(config, set_ or [])
+    _quiet_libraries()
+    from fedtune.compare.runner import compare
+
+    outcome = compare(cfg, seeds, notify=lambda msg: console.print(f"[dim]{escape(msg)}[/dim]"))
+    console.print("\n".join(outcome.lines), highlight=False, markup=False)
+    console.print(f"report: {outcome.folder / 'report.md'}")
+
+
 @app.command()
 def generate(
     prompt: Annotated[str, typer.Argument(help="Text to continue.")],

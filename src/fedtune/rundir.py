@@ -47,8 +47,8 @@ def client_changes(before: EvalSummary | None, after: EvalSummary | None) -> dic
     return changes
 
 
-def personal_dir(root: Path, client_id: str) -> Path:
-    """Where a client's personal adapter goes under `root`: `root/<client id>`, a client id with '/'
+def client_dir(root: Path, client_id: str) -> Path:
+    """Where a client's own folder is under `root` (its personal adapter, its compare arm): `root/<client id>`, a client id with '/'
     (Shakespeare's `play/CHARACTER`) as nested folders; a part that is not a plain name is %-quoted."""
     parts = []
     for part in client_id.split("/"):

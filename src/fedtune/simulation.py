@@ -36,7 +36,7 @@ from fedtune.round.profiles import spec_for
 from fedtune.round.results import EvalSummary, RoundResult
 from fedtune.round.state import ClientStateStore
 from fedtune.round.transport import Phase
-from fedtune.rundir import RunDir, client_changes, personal_dir, summary
+from fedtune.rundir import RunDir, client_changes, client_dir, summary
 from fedtune.seeding import numpy_rng
 from fedtune.train.local import LocalModel
 
@@ -136,7 +136,7 @@ def setup(
     profiles = resolved.profiles
 
     def keep_personal(client_id: str, flat: torch.Tensor) -> None:
-        folder = personal_dir(run_dir.personal_root, client_id)
+        folder = client_dir(run_dir.personal_root, client_id)
         save_adapter(local.model, local.adapter, flat, folder, model_dir)
 
     def participant_for(member: Member) -> Responder:

@@ -205,14 +205,17 @@ class RoundEngine:
     def run_round(self, round_num: int) -> RoundResult:
         start = self.clock()
         plan = self.plan
+        candidates = plan.trainers
         indices = draw_cohort(
             round_num,
-            len(plan.population),
+            len(plan.population) if candidates is None else len(candidates),
             plan.selected,
             seed=plan.seed,
             privacy=plan.privacy,
             dp_rng=None if self.dp_randomness is None else self.dp_randomness.cohort,
         )
+        if candidates is not None:
+            indices = [candidates[i] for i in indices]
         members = [Member(slot, index, plan.population[index]) for slot, index in enumerate(indices)]
         task = TrainTask(
             round_num,

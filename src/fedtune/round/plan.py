@@ -110,6 +110,8 @@ class RunPlan:
     layout: AdapterLayout | None = None  # where each LoRA tensor sits in the adapter vector
     control: ControlSpec | None = None  # SCAFFOLD's control variates (server.control_variates); None: off
     personalize: bool = False  # the last evaluation also evaluates each client's personal adapter
+    trainers: tuple[int, ...] | None = None  # population indices cohorts are drawn from (None: all);
+    # `fedtune compare`'s centralized arm trains one pooled client and evaluates on the others
     split: bool = False  # personalize.method = "split": an update is the delta of the A values only
 
     @property
