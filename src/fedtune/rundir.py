@@ -48,8 +48,9 @@ def client_changes(before: EvalSummary | None, after: EvalSummary | None) -> dic
 
 
 def client_dir(root: Path, client_id: str) -> Path:
-    """Where a client's own folder is under `root` (its personal adapter, its compare arm): `root/<client id>`, a client id with '/'
-    (Shakespeare's `play/CHARACTER`) as nested folders; a part that is not a plain name is %-quoted."""
+    """A client's own folder under `root` (its personal adapter, its compare arm): `root/<client id>`,
+    an id with '/' (Shakespeare's `play/CHARACTER`) as nested folders, a part that is not a plain name
+    %-quoted."""
     parts = []
     for part in client_id.split("/"):
         plain = part not in ("", ".", "..") and all(ch.isalnum() or ch in "._- " for ch in part)
