@@ -65,7 +65,8 @@ def make_personal_trainer(config: Config, local: LocalModel) -> LocalTrainer | N
     if method == "none":
         return None
     mu = config.personalize.lambda_ if method == "ditto" else 0.0
-    train = config.train.model_copy(update={"proximal_mu": mu})
+    lr = config.personalize.lr or config.train.lr
+    train = config.train.model_copy(update={"proximal_mu": mu, "lr": lr})
     return LocalTrainer(local.model, local.adapter, train, local.pad_id)
 
 

@@ -114,7 +114,16 @@ def headline(rows: list[dict[str, Any]], client_eval: dict[str, dict[str, float]
         text += "."
     changes = _client_changes(client_eval)
     improved = sum(1 for *_, change in changes if change is not None and change < 0)
-    return text + f" {improved} of {len(changes)} clients improved their eval loss."
+    text += f" {improved} of {len(changes)} clients improved their eval loss."
+    personal = next((r for r in reversed(rows) if r.get("personal_eval_loss") is not None), None)
+    if personal is not None:
+        pairs = [(finite(v.get("personal")), finite(v.get("after"))) for v in client_eval.values()]
+        better = sum(1 for own, glob in pairs if own is not None and glob is not None and own < glob)
+        text += (
+            f" Personal adapters: eval loss {personal['personal_eval_loss']:.4f} against the global "
+            f"adapter's {personal['eval_loss']:.4f}, lower for {better} of {len(pairs)} clients."
+        )
+    return text
 
 
 def simulated(rows: list[dict[str, Any]]) -> bool:
@@ -153,18 +162,29 @@ def round_table(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def client_table(client_eval: dict[str, dict[str, float]]) -> list[str]:
-    """Per-client eval loss before/after, most improved first; long lists keep both ends."""
+    """Per-client eval loss before/after (and with the client's personal adapter, when the run has
+    them), most improved first; long lists keep both ends."""
     changes = _client_changes(client_eval)
-    body = [[cid, fmt(b, ".4f"), fmt(a, ".4f"), fmt(c, "+.4f")] for cid, b, a, c in changes]
+    personal = any("personal" in losses for losses in client_eval.values())
+    body = []
+    for cid, b, a, c in changes:
+        row = [cid, fmt(b, ".4f"), fmt(a, ".4f"), fmt(c, "+.4f")]
+        if personal:
+            own = finite(client_eval[cid].get("personal"))
+            row += [fmt(own, ".4f"), fmt(None if own is None or a is None else own - a, "+.4f")]
+        body.append(row)
+    header = ["client", "before", "after", "change"]
+    if personal:
+        header += ["personal", "personal - after"]
     note = []
     if len(body) > MAX_TABLE_CLIENTS:
-        body = [*body[:SHOW_CLIENTS], ["…", "", "", ""], *body[-SHOW_CLIENTS:]]
+        body = [*body[:SHOW_CLIENTS], ["…"] + [""] * (len(header) - 1), *body[-SHOW_CLIENTS:]]
         note = [
             "",
             f"Showing the {SHOW_CLIENTS} most and {SHOW_CLIENTS} least improved of "
             f"{len(changes):,} clients; the plot above shows all of them.",
         ]
-    return markdown_table(["client", "before", "after", "change"], body) + note
+    return markdown_table(header, body) + note
 
 
 def save_figure(fig: Figure, path: Path) -> None:

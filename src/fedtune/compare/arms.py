@@ -9,7 +9,8 @@ profiles, and with server SGD at lr 1 (the adapter after the round is the one tr
   here either, and its loss is the base model's;
 - `centralized`: one pooled client holding every client's training examples (in client order), one round
   of the federated run's total steps at the same batch size, so the same number of examples, evaluated by
-  the evaluation clients (`RunPlan.trainers` keeps the cohort to the pooled client).
+  the evaluation clients (`RunPlan.trainers` keeps the cohort to the pooled client). It is the first of
+  its population, as a local-only client is of its own, so with one client the two arms are one run.
 Each arm writes its own `metrics.jsonl` (one row per round it ran) under the seed's folder.
 """
 
@@ -161,7 +162,6 @@ def local_arm(b: Baseline, steps_by_client: Mapping[str, int], folder: Path, see
         examples=steps_total * b.config.train.batch_size,
         bytes_moved=0,
         seconds=time.perf_counter() - start,
-        run_dir=str(folder.name),
     )
 
 
@@ -169,8 +169,9 @@ def centralized_arm(b: Baseline, total_steps: int, folder: Path, seed: int) -> A
     """Every client's training examples pooled in one place, the federated run's total steps."""
     start = time.perf_counter()
     pooled = ClientData(POOLED, train=[ids for c in b.clients for ids in c.train], eval=[])
-    population = [*b.clients, pooled]
-    engine = _engine(b, population, total_steps, eval_members=b.eval_members, trainers=(len(b.clients),))
+    population = [pooled, *b.clients]  # the pooled client first: it is seeded as a lone client is
+    evaluators = tuple(i + 1 for i in b.eval_members)
+    engine = _engine(b, population, total_steps, eval_members=evaluators, trainers=(0,))
     evaluation = _run(engine, folder)
     moved = sum(len(ids) for ids in pooled.train) * INT32_BYTES
     return ArmRun(
@@ -182,5 +183,4 @@ def centralized_arm(b: Baseline, total_steps: int, folder: Path, seed: int) -> A
         examples=total_steps * b.config.train.batch_size,
         bytes_moved=moved,
         seconds=time.perf_counter() - start,
-        run_dir=str(folder.name),
     )

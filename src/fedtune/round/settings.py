@@ -43,3 +43,4 @@ class PersonalizeConfig(Section):
     method: Literal["none", "finetune", "ditto", "split"] = "none"
     steps: int = Field(8, ge=0)  # local steps that make a personal adapter after the last round
     lambda_: float = Field(0.1, ge=0.0, alias="lambda")  # ditto: the pull toward the global adapter
+    lr: float | None = Field(None, gt=0.0)  # the personal adapters' AdamW learning rate; None: train.lr
