@@ -6,13 +6,15 @@ on loopback, one thread per site running `fedtune client`'s code). The global ad
 bit-identical, and every metric row the same, key for key and value for value, timings aside: plain
 FedAvg with a server optimizer, secure aggregation with a client that vanishes after sharing its keys,
 8-bit compression with error feedback, central DP with the noise generator injected into both, and
-SCAFFOLD (clients keeping their controls over rounds; and through secure aggregation).
+SCAFFOLD (clients keeping their controls over rounds; and through secure aggregation), and split
+personalization (A's values only on the wire, each site's B and personal adapter in its folder).
 DP-SGD and distributed DP, whose noise a site draws from its own OS, are compared on what is
 deterministic: their privacy accounting.
 """
 
 from __future__ import annotations
 
+import json
 import threading
 from pathlib import Path
 from typing import Any
@@ -283,3 +285,28 @@ def test_scaffold_with_secure_aggregation(tmp_path: Path) -> None:
     same_rows(sim_rows, dep_rows)
     same_adapter(sim_adapter, dep_adapter)
     assert dep_rows[2]["secagg_survivors"] == [4, 4, 4, 4] and dep_rows[2]["round_failed"] is None
+
+
+def test_split_personalization_sends_a_only_and_each_site_keeps_its_b(tmp_path: Path) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    config = config_for(
+        tmp_path, "split", "federation.rounds=2", "personalize.method='split'", "personalize.steps=2"
+    )
+    sim_rows, sim_adapter = simulated(config)
+    dep_rows, dep_adapter = deployed(config)
+    same_rows(sim_rows, dep_rows)
+    same_adapter(sim_adapter, dep_adapter)
+    a_values = sum(t.numel() for name, t in dep_adapter.items() if "lora_A" in name)
+    # every update that crossed the wire was A's values (the server refuses any other size), never B
+    assert all(r["bytes_up"] == r["clients"] * a_values * 4 for r in dep_rows[1:])
+    assert all(torch.count_nonzero(t) == 0 for name, t in dep_adapter.items() if "lora_B" in name)
+    assert dep_rows[-1]["personal_eval_loss"] < dep_rows[0]["eval_loss"]
+    for site in SITES:  # each site wrote its personal adapter in its own folder: the global A, its own B
+        folder = tmp_path / "certs" / "clients" / site / "personal"
+        personal = load_file(str(folder / "adapter_model.safetensors"))
+        assert all(torch.equal(personal[n], dep_adapter[n]) for n in personal if "lora_A" in n)
+        assert any(torch.count_nonzero(personal[n]) > 0 for n in personal if "lora_B" in n)
+    base = json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(folder))  # plain PEFT

@@ -181,3 +181,20 @@ def test_split_in_simulation_aggregates_a_and_leaves_the_global_b_at_zero(tmp_pa
 def test_refused_at_load_naming_the_field(overrides: list[str], named: str) -> None:
     with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
         load_config(None, overrides)
+
+
+def test_split_through_secure_aggregation_matches_the_plain_sum(tmp_path: Path) -> None:
+    plain = run(tmp_path, "plain", "personalize.method='split'")
+    secure = run(
+        tmp_path,
+        "secure",
+        "personalize.method='split'",
+        "secure_aggregation.enabled=true",
+        "secure_aggregation.clip_range=1.0",
+        "secure_aggregation.bits=20",
+    )
+    a = load_file(str(plain.run_dir / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(secure.run_dir / "adapter" / "adapter_model.safetensors"))
+    for name in a:  # fixed-point rounding of 20 bits over +-1: well under 1e-4 per value
+        assert torch.allclose(a[name], b[name], atol=1e-4), name
+    assert all(torch.count_nonzero(t) == 0 for k, t in b.items() if "lora_B" in k)
