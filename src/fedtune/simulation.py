@@ -5,8 +5,9 @@ Setup (data, model, the run's plan) -> loop (the round engine over the in-proces
 sum, privacy, aggregation, the failure policy and the metrics are the engine's (`fedtune.round`), the
 same code a deployment runs; only the transport differs. Virtual clients keep no model: each round's
 participants borrow the shared model, and what a client keeps between rounds (error-feedback residual,
-DP-SGD steps, SCAFFOLD's control) is in the engine's client-state store, so memory grows with the
-population only by that. With `[clients]` profiles or `federation.round_deadline_s`, the in-process
+DP-SGD steps, SCAFFOLD's control, a personal adapter) is in the engine's client-state store, so memory
+grows with the population only by that; personal adapters are saved under `personal/` in the run
+directory at the last evaluation. With `[clients]` profiles or `federation.round_deadline_s`, the in-process
 transport runs under the simulated clock (`round.clock`), each client trains its profile's local steps,
 and each round's result carries the clock's timing.
 """

@@ -8,7 +8,9 @@ every update) -> server optimizer, or a product-space merge (`server.lora_aggreg
 update. Under SCAFFOLD (`round.scaffold`) the task carries the server control c, an update is
 [delta, s * Delta c_i], and the sum's second half moves c. After every `eval.every` rounds, and after the
 round a run ends with, the new global adapter is evaluated by the evaluation clients (a second exchange,
-`Purpose.EVALUATE`).
+`Purpose.EVALUATE`); with `[personalize]` the last evaluation also asks each client for its personal
+adapter's loss (`round.personal`), and under split personalization the updates are A's deltas only,
+placed into the adapter (B left as it is) before the rule.
 
 Policy, one rule for both modes:
 - weights: `WeightRule` (training examples capped at `data.max_examples_per_client`; 1 under DP);
