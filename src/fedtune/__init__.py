@@ -10,7 +10,8 @@ The public API, imported lazily so `import fedtune` stays light:
     import fedtune
     config = fedtune.load_config(None, ["model.name=tiny", "federation.rounds=3"])
     result = fedtune.simulate(config)
-    outcome = fedtune.compare(config, seeds=3)  # base, local-only, centralized, federated: a verdict
+
+`fedtune.compare.runner.compare(config, seeds=3)` runs it against local-only and centralized training.
 
 Extension points, as Protocols: `AggregationRule` (pass `rule=` to `simulate` or `serve`),
 `ServerOptimizer` (`server_opt=`), `Trainer` (a client's local training) and `Transport` (how the
@@ -27,7 +28,6 @@ _EXPORTS = {
     "Config": "fedtune.config",
     "load_config": "fedtune.config",
     "simulate": "fedtune.simulation",
-    "compare": "fedtune.compare.runner",
     "serve": "fedtune.deploy.server",
     "run_client": "fedtune.deploy.site",
     "AggregationRule": "fedtune.aggregate",
@@ -46,7 +46,6 @@ __all__ = [
     "ServerOptimizer",
     "Trainer",
     "Transport",
-    "compare",
     "load_config",
     "run_client",
     "serve",
@@ -55,7 +54,6 @@ __all__ = [
 
 if TYPE_CHECKING:
     from fedtune.aggregate import AggregationRule, Aggregator, ServerOptimizer
-    from fedtune.compare.runner import compare
     from fedtune.config import Config, load_config
     from fedtune.deploy.server import serve
     from fedtune.deploy.site import run_client
