@@ -113,22 +113,22 @@ def loads(text: str | None, what: str) -> Any:
         ) from err
 
 
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """`value` with NaN/Inf floats as None and numpy or torch numbers as Python ones."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, Mapping):
-        return {str(k): _json_safe(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     if hasattr(value, "tolist"):  # numpy scalars and arrays, tensors
-        return _json_safe(value.tolist())
+        return json_safe(value.tolist())
     return value
 
 
 def metrics_json(metrics: Mapping[str, Any]) -> str:
     try:
-        return json.dumps(_json_safe(metrics), allow_nan=False)
+        return json.dumps(json_safe(metrics), allow_nan=False)
     except (TypeError, ValueError) as err:
         raise StateError(
             f"round metrics are not JSON-able ({err}); report plain numbers and strings"

@@ -16,20 +16,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from fedtune.checkpoint import json_safe
 from fedtune.config import Config, to_toml
 from fedtune.report import write_report
 from fedtune.round.results import EvalSummary, RoundResult
-
-
-def _json_safe(value: Any) -> Any:
-    """NaN/Inf are not JSON: write them as null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_json_safe(v) for v in value]
-    return value
 
 
 def client_changes(before: EvalSummary | None, after: EvalSummary | None) -> dict[str, dict[str, float]]:
@@ -101,7 +91,7 @@ class RunDir:
 
     def append_row(self, row: dict[str, Any]) -> None:
         with self.metrics_file.open("a") as f:
-            f.write(json.dumps(_json_safe(row)) + "\n")
+            f.write(json.dumps(json_safe(row)) + "\n")
 
     def rewrite(self, config: Config, rows: Sequence[dict[str, Any]]) -> None:
         """Replace config.toml and metrics.jsonl (a resumed deployment's, from its state file)."""
@@ -116,7 +106,7 @@ class RunDir:
         return [json.loads(line) for line in lines if line.strip()]
 
     def write_client_eval(self, client_eval: dict[str, dict[str, float]]) -> None:
-        self.clients_file.write_text(json.dumps(_json_safe(client_eval), indent=1))
+        self.clients_file.write_text(json.dumps(json_safe(client_eval), indent=1))
 
     def finish(
         self, client_eval: dict[str, dict[str, float]], *, title: str, settings: dict[str, str]

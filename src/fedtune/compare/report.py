@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from pathlib import Path
 from typing import Any
 
 from matplotlib.figure import Figure
 
+from fedtune.checkpoint import json_safe
 from fedtune.compare.results import Comparison
 from fedtune.compare.verdict import Verdict, arm_title, verdict_lines
 from fedtune.report import DASH, finite, fmt, fmt_mb, markdown_table, save_figure
@@ -26,20 +26,9 @@ from fedtune.report import DASH, finite, fmt, fmt_mb, markdown_table, save_figur
 CHECK = "✓"
 
 
-def strict_json(value: Any) -> Any:
-    """`value` with every NaN or infinite float replaced by None (tuples become lists)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): strict_json(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [strict_json(v) for v in value]
-    return value
-
-
 def comparison_json(comparison: Comparison, verdict: Verdict) -> dict[str, Any]:
     """Everything `compare.json` holds, as strict-JSON-ready values."""
-    return strict_json(
+    return json_safe(
         {
             "name": comparison.name,
             "arms": comparison.arms,
