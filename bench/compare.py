@@ -8,8 +8,8 @@ wall times do.
 Tasks (SmolLM2-135M, the config's defaults unless named):
 - `shakespeare`: the default job, 16 characters, 6 rounds x 4 clients x 8 local steps, with
   `personalize.method = "finetune"` (8 steps);
-- `chat`: 50 chat users (`data.source = "chat"`, natural split by user), 6 rounds x 10 clients x 8 local
-  steps, finetune personalization (8 steps).
+- `chat`: 50 chat users (`data.source = "chat"`, natural split by user), 6 rounds x 10 clients x 4 local
+  steps, finetune personalization (4 steps).
 
     .venv/bin/python bench/compare.py --task shakespeare [--seeds 3] [--threads 2] [--method finetune]
 """
@@ -31,6 +31,8 @@ TASKS = {
         "data.source='chat'",
         "federation.num_clients=50",
         "federation.clients_per_round=10",
+        "federation.local_steps=4",
+        "personalize.steps=4",
     ],
 }
 
