@@ -15,9 +15,12 @@ Pure functions of a `Comparison`, no I/O. What is notable:
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass
+from statistics import fmean
 
 from fedtune.compare.results import ARM_TITLES, Comparison
+from fedtune.evaluate import perplexity
 
 UNTRAINED = ("base",)
 
@@ -79,24 +82,9 @@ class Verdict:
         return next((s for s in self.stats if s.arm == arm), None)
 
 
-def mean(values: list[float]) -> float:
-    return math.fsum(values) / len(values)
-
-
 def sample_std(values: list[float]) -> float:
     """Standard deviation with ddof=1; 0.0 for a single value."""
-    if len(values) < 2:
-        return 0.0
-    m = mean(values)
-    return math.sqrt(math.fsum((v - m) ** 2 for v in values) / (len(values) - 1))
-
-
-def perplexity(loss: float) -> float:
-    """exp(loss), inf where that overflows."""
-    try:
-        return math.exp(loss)
-    except OverflowError:
-        return math.inf
+    return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def arm_stats(comparison: Comparison, arm: str) -> ArmStats:
@@ -109,15 +97,15 @@ def arm_stats(comparison: Comparison, arm: str) -> ArmStats:
     epsilons = [r.epsilon for r in runs if r.epsilon is not None]
     return ArmStats(
         arm=arm,
-        loss=mean(losses),
+        loss=fmean(losses),
         loss_std=sample_std(losses),
-        perplexity=perplexity(mean(losses)),
-        per_client_loss={cid: mean(v) for cid, v in clients.items()},
-        steps=mean([float(r.steps) for r in runs]),
-        examples=mean([float(r.examples) for r in runs]),
-        bytes_moved=mean([float(r.bytes_moved) for r in runs]),
-        seconds=mean([r.seconds for r in runs]),
-        epsilon=mean(epsilons) if epsilons else None,
+        perplexity=perplexity(fmean(losses)),
+        per_client_loss={cid: fmean(v) for cid, v in clients.items()},
+        steps=fmean([float(r.steps) for r in runs]),
+        examples=fmean([float(r.examples) for r in runs]),
+        bytes_moved=fmean([float(r.bytes_moved) for r in runs]),
+        seconds=fmean([r.seconds for r in runs]),
+        epsilon=fmean(epsilons) if epsilons else None,
     )
 
 
@@ -131,7 +119,7 @@ def _recovered(comparison: Comparison) -> Recovered | None:
         if not gain > 0:  # also refuses NaN
             return None
         shares.append((base - comparison.run("federated", seed).loss) / gain)
-    return Recovered(mean=mean(shares), std=sample_std(shares), per_seed=tuple(shares))
+    return Recovered(mean=fmean(shares), std=sample_std(shares), per_seed=tuple(shares))
 
 
 def _share(winner: ArmStats | None, *losers: ArmStats | None) -> Share | None:
