@@ -84,3 +84,21 @@ def test_smoke_run_and_generate(tmp_path):
     gen = fedtune("generate", "--adapter", str(run_dir / "adapter"), "--max-new-tokens", "5", "Hello")
     assert gen.returncode == 0, gen.stderr
     assert gen.stdout.startswith("Hello")
+
+
+@pytest.mark.slow
+def test_compare_prints_its_verdict_and_writes_the_folder(tmp_path):
+    sets = [
+        "model.name=tiny",
+        "federation.rounds=1",
+        "federation.num_clients=2",
+        "federation.clients_per_round=1",
+        "federation.local_steps=2",
+        "eval.max_examples_per_client=2",
+        f"run.dir={tmp_path / 'cmp'}",
+    ]
+    proc = fedtune("compare", "--seeds", "1", *(arg for s in sets for arg in ("--set", s)))
+    assert proc.returncode == 0, proc.stderr
+    assert "Federated beats local-only for" in proc.stdout
+    written = json.loads((tmp_path / "cmp" / "compare" / "compare.json").read_text())
+    assert written["arms"] == ["base", "local", "centralized", "federated"]
