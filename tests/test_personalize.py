@@ -198,3 +198,17 @@ def test_split_through_secure_aggregation_matches_the_plain_sum(tmp_path: Path) 
     for name in a:  # fixed-point rounding of 20 bits over +-1: well under 1e-4 per value
         assert torch.allclose(a[name], b[name], atol=1e-4), name
     assert all(torch.count_nonzero(t) == 0 for k, t in b.items() if "lora_B" in k)
+
+
+def test_a_sites_personal_adapter_survives_its_restart_and_a_repeated_round(tmp_path: Path) -> None:
+    from fedtune.deploy.site_state import SiteRunIdentity, SiteStateStore
+    from fedtune.round.state import ClientState
+
+    identity = SiteRunIdentity("site-a", "run", 0, 2, "0" * 32)
+    store = SiteStateStore(tmp_path, identity)
+    store.commit("site-a", 1, ClientState(personal=torch.tensor([1.0, 2.0])))
+    store.commit("site-a", 2, ClientState(personal=torch.tensor([3.0, 4.0])))
+    restarted = SiteStateStore(tmp_path, identity)
+    assert torch.equal(restarted.get("site-a").personal, torch.tensor([3.0, 4.0]))
+    # round 2 handed out again: it starts from the personal adapter it had before round 2
+    assert torch.equal(restarted.begin("site-a", 2).personal, torch.tensor([1.0, 2.0]))
