@@ -75,8 +75,13 @@ def compare_arms(
     cfg = load_config(config, set_ or [])
     _quiet_libraries()
     from fedtune.compare.runner import compare
+    from fedtune.progress import RichObserver
 
-    outcome = compare(cfg, seeds, notify=lambda msg: console.print(f"[dim]{escape(msg)}[/dim]"))
+    def notify(message: str) -> None:
+        console.print(f"[dim]{escape(message)}[/dim]")
+
+    with RichObserver(console) as observer:
+        outcome = compare(cfg, seeds, notify=notify, observer=observer)
     console.print("\n".join(outcome.lines), highlight=False, markup=False)
     console.print(f"report: {outcome.folder / 'report.md'}")
 

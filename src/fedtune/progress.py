@@ -67,7 +67,7 @@ class RichObserver:
 
     def start(self, rounds: int, total_steps: int) -> None:
         self.rounds = rounds
-        self.progress.update(self.task, total=total_steps, description="evaluating")
+        self.progress.update(self.task, total=total_steps, completed=0, description="evaluating")
 
     def working(self, round_num: int, client_id: str, phase: Phase) -> None:
         self.round_num, self.client_id = round_num, client_id

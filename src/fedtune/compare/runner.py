@@ -26,7 +26,7 @@ from fedtune.compare.results import ArmRun, Comparison
 from fedtune.compare.verdict import Verdict, summarize, verdict_lines
 from fedtune.config import Config
 from fedtune.local import torch_threads
-from fedtune.simulation import RunResult, Silent, run_setup, setup
+from fedtune.simulation import Observer, RunResult, Silent, run_setup, setup
 
 
 @dataclass(frozen=True)
@@ -38,9 +38,13 @@ class CompareOutcome:
 
 
 def compare(
-    config: Config, seeds: int = 3, notify: Callable[[str], None] = lambda _msg: None
+    config: Config,
+    seeds: int = 3,
+    notify: Callable[[str], None] = lambda _msg: None,
+    observer: Observer | None = None,
 ) -> CompareOutcome:
-    """Run every arm for `seeds` seeds and write `runs/<name>/compare/`."""
+    """Run every arm for `seeds` seeds and write `runs/<name>/compare/`; `observer` follows each
+    federated run (the CLI's progress bar)."""
     if seeds < 1:
         raise ValueError("compare needs at least one seed")
     folder = config.run.resolved_dir / "compare"
@@ -49,7 +53,7 @@ def compare(
     budget: dict[str, str] = {}
     with torch_threads(config.run.threads):
         for seed in range(config.run.seed, config.run.seed + seeds):
-            seed_runs, tokens, budget = _one_seed(config, seed, folder, notify)
+            seed_runs, tokens, budget = _one_seed(config, seed, folder, notify, observer or Silent())
             runs += seed_runs
     arms = tuple(
         a
@@ -78,14 +82,14 @@ def seed_config(config: Config, seed: int, folder: Path) -> Config:
 
 
 def _one_seed(
-    config: Config, seed: int, folder: Path, notify: Callable[[str], None]
+    config: Config, seed: int, folder: Path, notify: Callable[[str], None], observer: Observer
 ) -> tuple[list[ArmRun], dict[str, int], dict[str, str]]:
     cfg, seed_dir = seed_config(config, seed, folder), folder / f"seed-{seed}"
     ledger = StepLedger()
     started = time.perf_counter()
-    s = setup(cfg, Silent(), notify, responder=ledger.wrap)
+    s = setup(cfg, observer, notify, responder=ledger.wrap)
     initial = s.engine.global_flat.clone()
-    result = run_setup(s, Silent(), started)
+    result = run_setup(s, observer, started)
     plan = s.engine.plan
     b = Baseline(s.config, s.clients, s.local, initial, plan.eval_members, result.before)
     max_examples = s.config.eval.max_examples_per_client
