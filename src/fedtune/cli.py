@@ -59,6 +59,13 @@ def run(config: ConfigArg = None, set_: SetOption = None) -> None:
         f"[bold green]done[/] in {result.seconds:.0f}s: eval perplexity "
         f"{result.before.perplexity:.2f} -> {result.after.perplexity:.2f} ({change:+.1f}%)"
     )
+    personal = result.after.personal
+    if personal is not None:
+        own = (personal.perplexity / result.before.perplexity - 1) * 100
+        console.print(
+            f"personal adapters ({cfg.personalize.method}): eval perplexity {personal.perplexity:.2f} "
+            f"({own:+.1f}% against the base), in {result.run_dir / 'personal'}"
+        )
     console.print(f"adapter: {result.run_dir / 'adapter'}   report: {result.run_dir / 'report.md'}")
 
 
