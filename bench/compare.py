@@ -8,8 +8,8 @@ wall times do.
 Tasks (SmolLM2-135M, the config's defaults unless named):
 - `shakespeare`: the default job, 16 characters, 6 rounds x 4 clients x 8 local steps, with
   `personalize.method = "finetune"` (8 steps);
-- `chat`: 50 chat users (`data.source = "chat"`, natural split by user), 6 rounds x 10 clients x 4 local
-  steps, finetune personalization (4 steps).
+- `chat`: 50 chat users (`data.source = "chat"`, natural split by user), 6 rounds x 8 clients x 4 local
+  steps, 4 held-out examples per client, finetune personalization (4 steps).
 
     .venv/bin/python bench/compare.py --task shakespeare [--seeds 3] [--threads 2] [--method finetune]
 """
@@ -30,8 +30,9 @@ TASKS = {
     "chat": [
         "data.source='chat'",
         "federation.num_clients=50",
-        "federation.clients_per_round=10",
+        "federation.clients_per_round=8",
         "federation.local_steps=4",
+        "eval.max_examples_per_client=4",
         "personalize.steps=4",
     ],
 }
