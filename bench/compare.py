@@ -12,6 +12,7 @@ Tasks (SmolLM2-135M, the config's defaults unless named):
   steps, 4 held-out examples per client, finetune personalization (4 steps).
 
     .venv/bin/python bench/compare.py --task shakespeare [--seeds 3] [--threads 2] [--method finetune]
+        [--set personalize.lr=5e-4 --tag -lr5e-4]
 """
 
 from __future__ import annotations
@@ -44,10 +45,12 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--method", default="finetune")
+    parser.add_argument("--set", dest="sets", action="append", default=[], help="one more override")
+    parser.add_argument("--tag", default="", help="added to the run's and the output's names")
     parser.add_argument("--out", type=Path, default=Path("bench/out"))
     args = parser.parse_args()
-    name = f"bench-compare-{args.task}-{args.method}"
-    sets = [*TASKS[args.task], f"run.name='{name}'", f"run.threads={args.threads}"]
+    name = f"bench-compare-{args.task}-{args.method}{args.tag}"
+    sets = [*TASKS[args.task], *args.sets, f"run.name='{name}'", f"run.threads={args.threads}"]
     sets.append(f"personalize.method='{args.method}'")
     command = [sys.executable, "-m", "fedtune", "compare", "--seeds", str(args.seeds)]
     for item in sets:
@@ -73,7 +76,7 @@ def main() -> None:
         "budget": result["budget"],
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"compare-{args.task}-{args.method}.json").write_text(json.dumps(record, indent=1))
+    (args.out / f"compare-{args.task}-{args.method}{args.tag}.json").write_text(json.dumps(record, indent=1))
     print("\n".join(result["verdict_lines"]))
 
 
