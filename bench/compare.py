@@ -12,7 +12,7 @@ Tasks (SmolLM2-135M, the config's defaults unless named):
   steps, 4 held-out examples per client, finetune personalization (4 steps).
 
     .venv/bin/python bench/compare.py --task shakespeare [--seeds 3] [--threads 2] [--method finetune]
-        [--set personalize.lr=5e-4 --tag -lr5e-4]
+        [--set personalize.lr=5e-4 --tag=-lr5e-4]
 """
 
 from __future__ import annotations
