@@ -140,7 +140,7 @@ def test_split_sends_a_only_and_keeps_b_at_the_client(trainer, client) -> None:
     config = load_config(None, ["personalize.method='split'", "federation.local_steps=3"])
     participant = participant_with(config, trainer, client)
     layout = trainer.adapter.layout
-    a_mask = layout.a_mask()
+    a_mask = layout.a_mask
     start = trainer.adapter.get()
     member = Member(0, 0, client.client_id)
     sub = participant.respond(TrainRequest(TrainTask(1, start, None, None), member))

@@ -144,8 +144,10 @@ class AdapterLayout:
             for group in by_shape.values()
         )
 
+    @cached_property
     def a_mask(self) -> torch.Tensor:
-        """True at every value of every LoRA A (what `personalize.method = "split"` shares)."""
+        """True at every value of every LoRA A (what `personalize.method = "split"` shares); computed
+        once per layout, read-only."""
         mask = torch.zeros(self.numel, dtype=torch.bool)
         for pair in self.pairs:
             mask[pair.a.offset : pair.a.offset + pair.a.numel] = True

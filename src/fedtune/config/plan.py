@@ -121,7 +121,7 @@ def resolve(
     if config.personalize.method == "split":
         if layout is None:
             raise ValueError("split personalization needs the adapter's layout")
-        vector_size = int(layout.a_mask().sum())
+        vector_size = int(layout.a_mask.sum())
     if compression.method == "randomk":
         vector_size = num_kept(vector_size, compression.fraction)
     secure = None

@@ -130,7 +130,6 @@ class RoundEngine:
         self.clock = clock
         self.notes: list[str] = []
         self._rank_masks: dict[int, torch.Tensor] = {}
-        self._split: torch.Tensor | None = None
 
     # ---- the run -----------------------------------------------------------------------------------
 
@@ -243,7 +242,8 @@ class RoundEngine:
             if self.plan.control is not None:
                 updates = self._move_control(updates)
             if self.plan.split:  # A's deltas only: B stays as it is, with the clients
-                updates = expand(updates, self._split_mask())
+                assert self.plan.layout is not None  # a split plan has its layout (update_numel)
+                updates = expand(updates, self.plan.layout.a_mask)
             merged = self.aggregator.aggregate(
                 self.global_flat,
                 updates,
@@ -287,12 +287,6 @@ class RoundEngine:
             dpsgd_epsilon_max=self.dpsgd_epsilon_max,
             svd=self._svd(residual),
         )
-
-    def _split_mask(self) -> torch.Tensor:
-        if self._split is None:
-            assert self.plan.layout is not None
-            self._split = self.plan.layout.a_mask()
-        return self._split
 
     def _svd(self, residual: float | None) -> SvdMetrics | None:
         return None if self.aggregator.merge is None else SvdMetrics(residual)

@@ -104,7 +104,6 @@ class Participant:
         self.keep_personal = keep_personal
         self._secure: _SecureRound | None = None
         self._rank_mask: torch.Tensor | None = None
-        self._shared: torch.Tensor | None = None
 
     @property
     def client_id(self) -> str:
@@ -190,9 +189,7 @@ class Participant:
         return "none" if self.spec.personal is None else self.spec.personal.method
 
     def _split_mask(self) -> torch.Tensor:
-        if self._shared is None:
-            self._shared = self.local.adapter.layout.a_mask()
-        return self._shared
+        return self.local.adapter.layout.a_mask
 
     def _ditto(self, task: TrainTask, member: Member, personal: torch.Tensor | None) -> torch.Tensor:
         """Ditto: the personal adapter's local steps, pulled toward the round's global adapter."""

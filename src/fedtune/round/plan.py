@@ -121,7 +121,7 @@ class RunPlan:
         if self.split:
             if self.layout is None:
                 raise ValueError("split personalization needs the adapter's layout")
-            return int(self.layout.a_mask().sum())
+            return int(self.layout.a_mask.sum())
         return self.adapter_numel * (1 if self.control is None else 2)
 
 
