@@ -87,9 +87,12 @@ def _one_seed(
     cfg, seed_dir = seed_config(config, seed, folder), folder / f"seed-{seed}"
     ledger = StepLedger()
     started = time.perf_counter()
-    s = setup(cfg, observer, notify, responder=ledger.wrap)
+    s = setup(cfg, observer, notify, watch=ledger.watch)
     initial = s.engine.global_flat.clone()
-    result = run_setup(s, observer, started)
+    try:
+        result = run_setup(s, observer, started)
+    finally:
+        s.close()  # the federated arm's workers, if any: the other arms train on this process's model
     plan = s.engine.plan
     b = Baseline(s.config, s.clients, s.local, initial, plan.eval_members, result.before)
     max_examples = s.config.eval.max_examples_per_client

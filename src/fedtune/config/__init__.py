@@ -12,7 +12,7 @@ from fedtune.config.schema import Config, RunConfig
 from fedtune.data.settings import BUILTIN_SOURCES, DataConfig
 from fedtune.model.settings import LoraSettings, ModelConfig
 from fedtune.privacy.settings import DpSgdConfig, PrivacyConfig
-from fedtune.round.settings import EvalConfig, FederationConfig
+from fedtune.round.settings import EvalConfig, FederationConfig, SimulationConfig
 from fedtune.secagg.settings import SecureAggregationConfig
 from fedtune.train.settings import TrainConfig
 from fedtune.transport.settings import DeployConfig
@@ -33,6 +33,7 @@ __all__ = [
     "RunConfig",
     "SecureAggregationConfig",
     "ServerConfig",
+    "SimulationConfig",
     "TrainConfig",
     "apply_overrides",
     "check",

@@ -2,10 +2,10 @@
 
 `[run]` is the run's own (where results go, the seed, threads); the others come from their packages:
 `[model]` `[lora]` (model.settings), `[data]` (data.settings), `[federation]` `[eval]` `[personalize]`
-(round.settings), `[clients]` (round.profiles), `[train]` (train.settings), `[server]` (aggregate.settings),
-`[secure_aggregation]` (secagg.settings), `[compression]` (compress.settings), `[privacy]` `[dpsgd]`
-(privacy.settings), `[deploy]` (transport.settings). The rules that span sections are in `checks`;
-loading and overrides in `load`.
+`[simulation]` (round.settings), `[clients]` (round.profiles), `[train]` (train.settings), `[server]`
+(aggregate.settings), `[secure_aggregation]` (secagg.settings), `[compression]` (compress.settings),
+`[privacy]` `[dpsgd]` (privacy.settings), `[deploy]` (transport.settings). The rules that span sections
+are in `checks`; loading and overrides in `load`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from fedtune.data.settings import DataConfig
 from fedtune.model.settings import LoraSettings, ModelConfig
 from fedtune.privacy.settings import DpSgdConfig, PrivacyConfig
 from fedtune.round.profiles import ClientsConfig
-from fedtune.round.settings import EvalConfig, FederationConfig, PersonalizeConfig
+from fedtune.round.settings import EvalConfig, FederationConfig, PersonalizeConfig, SimulationConfig
 from fedtune.secagg.settings import SecureAggregationConfig
 from fedtune.section import PositiveInt, Section
 from fedtune.train.settings import TrainConfig
@@ -57,6 +57,7 @@ class Config(Section):
     dpsgd: DpSgdConfig = DpSgdConfig()
     eval: EvalConfig = EvalConfig()
     personalize: PersonalizeConfig = PersonalizeConfig()
+    simulation: SimulationConfig = SimulationConfig()
     deploy: DeployConfig = DeployConfig()
 
     @property

@@ -1,5 +1,6 @@
-"""The `[federation]`, `[eval]` and `[personalize]` config sections: the rounds, how the global adapter is
-evaluated, and the personal adapters each client keeps."""
+"""The `[federation]`, `[eval]`, `[personalize]` and `[simulation]` config sections: the rounds, how the
+global adapter is evaluated, the personal adapters each client keeps, and how a simulation computes its
+clients."""
 
 from __future__ import annotations
 
@@ -44,3 +45,21 @@ class PersonalizeConfig(Section):
     steps: int = Field(8, ge=0)  # local steps that make a personal adapter after the last round
     lambda_: float = Field(0.1, ge=0.0, alias="lambda")  # ditto: the pull toward the global adapter
     lr: float | None = Field(None, gt=0.0)  # the personal adapters' AdamW learning rate; None: train.lr
+
+
+class SimulationConfig(Section):
+    """How a simulation computes its clients (`round.executor`, `round.pool`): one after another in
+    this process, in worker processes on this machine, or on Ray actors."""
+
+    backend: Literal["serial", "processes", "ray"] = "serial"
+    workers: PositiveInt | Literal["auto"] = "auto"  # processes, ray: how many at once; auto: one per core
+    threads_per_worker: PositiveInt | Literal["auto"] = "auto"  # torch threads each; auto: cores / workers
+    # ray: None starts a local Ray for the run (and stops it after); "auto" joins the cluster that
+    # `ray start --head` started here; "ray://host:10001" or "host:6379" a remote one
+    ray_address: str | None = None
+
+    def pool(self, cores: int) -> tuple[int, int]:
+        """(workers, torch threads per worker) on a machine of `cores` cores."""
+        workers = cores if self.workers == "auto" else self.workers
+        threads = max(1, cores // workers) if self.threads_per_worker == "auto" else self.threads_per_worker
+        return workers, threads

@@ -8,7 +8,9 @@ a round's work begins (`begin`) and writes the new state when its update is enco
 the server hands out again after a restart starts from the same state and yields the same update; a
 simulation never repeats a round and keeps one state per client. `state_dict` / `load_state_dict` make it
 part of a checkpoint (tensors apart from the JSON-able counters); a repeatable store's checkpoint also holds
-the state from before the last round, so a site restored from its file can repeat that round.
+the state from before the last round, so a site restored from its file can repeat that round. A worker
+process of a simulation (`round.pool`) trains a client on a store of its own: `export` and `adopt` move
+the client's entry there and back.
 
 Memory is what the states hold: O(adapter) per client with error feedback, SCAFFOLD or a personal adapter,
 nothing otherwise.
@@ -42,7 +44,7 @@ KINDS = ("residual", "control", "personal")
 
 
 @dataclass(frozen=True, eq=False)
-class _Entry:
+class StateEntry:
     round_num: int  # the round `state` was committed in
     state: ClientState
     before: ClientState | None  # the state before that round (repeatable stores only)
@@ -51,7 +53,7 @@ class _Entry:
 class ClientStateStore:
     def __init__(self, *, repeatable: bool = False) -> None:
         self.repeatable = repeatable
-        self._entries: dict[str, _Entry] = {}
+        self._entries: dict[str, StateEntry] = {}
 
     def begin(self, client_id: str, round_num: int) -> ClientState:
         """The client's state at the start of `round_num`: as committed by its last earlier round."""
@@ -70,7 +72,19 @@ class ClientStateStore:
     def commit(self, client_id: str, round_num: int, state: ClientState) -> None:
         """The client's state after its work in `round_num`."""
         before = self.begin(client_id, round_num) if self.repeatable else None
-        self._entries[client_id] = _Entry(round_num, state, before)
+        self._entries[client_id] = StateEntry(round_num, state, before)
+
+    def export(self, client_id: str) -> StateEntry | None:
+        """The client's entry as it stands (None before its first commit), for another store to `adopt`:
+        a simulation's worker process trains the client on a store of its own."""
+        return self._entries.get(client_id)
+
+    def adopt(self, client_id: str, entry: StateEntry | None) -> None:
+        """Take the client's entry from another store (None: the client has no state yet)."""
+        if entry is None:
+            self._entries.pop(client_id, None)
+        else:
+            self._entries[client_id] = entry
 
     def get(self, client_id: str) -> ClientState:
         """The latest committed state (EMPTY before any)."""
@@ -124,7 +138,7 @@ class ClientStateStore:
             before = None
             if self.repeatable and before_steps is not None:
                 before = _state(tensors, cid, before_steps, prefix="before/")
-            entries[cid] = _Entry(round_num, state, before)
+            entries[cid] = StateEntry(round_num, state, before)
         self._entries = entries
 
 

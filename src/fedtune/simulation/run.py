@@ -9,7 +9,9 @@ DP-SGD steps, SCAFFOLD's control, a personal adapter) is in the engine's client-
 grows with the population only by that; personal adapters are saved under `personal/` in the run
 directory at the last evaluation. With `[clients]` profiles or `federation.round_deadline_s`, the in-process
 transport runs under the simulated clock (`round.clock`), each client trains its profile's local steps,
-and each round's result carries the clock's timing.
+and each round's result carries the clock's timing. With `[simulation] backend = "processes"` or `"ray"`
+the clients of a round train several at once in workers (`simulation.workers`), each worker mapping the
+same base weights; the engine, and the run's result, are the same.
 """
 
 from __future__ import annotations
@@ -20,25 +22,24 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
-import torch
-
 from fedtune.aggregate import AggregationRule, ServerOptimizer, make_aggregator
 from fedtune.config import Config
 from fedtune.config.plan import participant_spec, resolve
 from fedtune.data import ClientData, load_clients
-from fedtune.local import load_model, make_personal_trainer, make_trainer, tokenizer_for, torch_threads
+from fedtune.local import load_model, tokenizer_for, torch_threads
 from fedtune.model.adapter import save_adapter
 from fedtune.round.clock import SimulatedClock
 from fedtune.round.engine import RoundEngine
-from fedtune.round.inprocess import Dropouts, InProcessTransport, Responder, SeededDropouts
+from fedtune.round.inprocess import Dropouts, InProcessTransport, SeededDropouts
 from fedtune.round.participant import Participant
-from fedtune.round.plan import DpRandomness, Member
+from fedtune.round.plan import DpRandomness, Member, ParticipantSpec
 from fedtune.round.profiles import spec_for
 from fedtune.round.results import EvalSummary, RoundResult
 from fedtune.round.state import ClientStateStore
 from fedtune.round.transport import Phase
-from fedtune.rundir import RunDir, client_changes, client_dir, summary
+from fedtune.rundir import RunDir, client_changes, summary
 from fedtune.seeding import numpy_rng
+from fedtune.simulation.workers import ClientFactory, executor_for
 from fedtune.train.local import LocalModel
 
 
@@ -92,7 +93,12 @@ class Setup:
     engine: RoundEngine
     run_dir: RunDir
     states: ClientStateStore  # what the in-process clients keep between rounds
+    transport: InProcessTransport
     clock: SimulatedClock | None = None  # with [clients] profiles or federation.round_deadline_s
+
+    def close(self) -> None:
+        """Stop the pool's workers, if any (the serial executor has none)."""
+        self.transport.close()
 
 
 def setup(
@@ -104,11 +110,12 @@ def setup(
     server_opt: ServerOptimizer | None = None,
     dropouts: Dropouts | None = None,
     dp_randomness: DpRandomness | None = None,
-    responder: Callable[[Member, Participant], Responder] | None = None,
+    watch: Callable[[Member, object], None] = lambda _member, _reply: None,
 ) -> Setup:
     """Load the data (bad input is refused before the model loads), the model, resolve the run's plan,
-    and build the engine; writes the run directory's config.toml. `responder(member, participant)`
-    wraps each participant (`fedtune compare` counts the steps each client trains)."""
+    and build the engine over the executor `[simulation]` names; writes the run directory's config.toml.
+    `watch(member, reply)` sees each client's replies (`fedtune compare` counts the steps each trains).
+    A pool's workers run until `Setup.close`."""
     seed = config.run.seed
     model_dir, tokenizer = tokenizer_for(config, notify)
     data_seed = config.data_seed
@@ -131,35 +138,25 @@ def setup(
     run_dir = RunDir(config.run.resolved_dir)
     run_dir.create(config)
 
-    trainer, states, spec = make_trainer(config, local), ClientStateStore(), participant_spec(config)
-    personal_trainer = make_personal_trainer(config, local)
+    states, spec, profiles = ClientStateStore(), participant_spec(config), resolved.profiles
     shares = None if resolved.dp_randomness is None else resolved.dp_randomness.shares
-    profiles = resolved.profiles
+    if dp_randomness is not None and config.simulation.backend != "serial":
+        raise ValueError("a seeded dp_randomness (tests) needs simulation.backend = 'serial'")
+    factory = ClientFactory.over(config, local, model_dir, run_dir.personal_root, shares)
 
-    def keep_personal(client_id: str, flat: torch.Tensor) -> None:
-        folder = client_dir(run_dir.personal_root, client_id)
-        save_adapter(local.model, local.adapter, flat, folder, model_dir)
+    def client_for(member: Member) -> tuple[ClientData, ParticipantSpec]:
+        return clients[member.index], spec_for(spec, profiles[member.client_id])
 
-    def participant_for(member: Member) -> Responder:
-        data, own = clients[member.index], spec_for(spec, profiles[member.client_id])
-        participant = Participant(
-            data,
-            local,
-            trainer,
-            states,
-            own,
-            noise_rng=shares,
-            on_step=observer.step,
-            personal_trainer=personal_trainer,
-            keep_personal=keep_personal,
-        )
-        return participant if responder is None else responder(member, participant)
+    def participant_for(member: Member) -> Participant:
+        return factory(*client_for(member), states, observer.step)
 
+    executor = executor_for(config, factory, participant_for, client_for, states, on_step=observer.step)
     rate = config.secure_aggregation.dropout_rate
     transport = InProcessTransport(
-        participant_for,
+        executor=executor,
         dropouts=dropouts if dropouts is not None else SeededDropouts(rate, seed) if rate > 0 else None,
         on_work=observer.working,
+        watch=watch,
     )
     clock = None
     deadline = config.federation.round_deadline_s
@@ -175,7 +172,7 @@ def setup(
         dp_randomness=resolved.dp_randomness,
         notify=notify,
     )
-    return Setup(config, clients, model_dir, local, engine, run_dir, states, clock)
+    return Setup(config, clients, model_dir, local, engine, run_dir, states, transport, clock)
 
 
 def simulate(
@@ -205,7 +202,10 @@ def simulate(
             dropouts=dropouts,
             dp_randomness=dp_randomness,
         )
-        return run_setup(s, observer, started)
+        try:
+            return run_setup(s, observer, started)
+        finally:
+            s.close()
 
 
 def run_setup(s: Setup, observer: Observer, started: float) -> RunResult:

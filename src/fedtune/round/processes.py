@@ -1,0 +1,182 @@
+"""Worker processes on this machine, for the pool (`round.pool`): `[simulation] backend = "processes"`.
+
+Each worker is started once per run and built from the recipe (the base model loaded from its
+safetensors file, which transformers memory-maps: the weights' pages are the page cache's, shared by
+every process that maps the file, so the base model is in memory once however many workers there are;
+each worker's own memory is its LoRA parameters, optimizer state, activations and interpreter). Workers
+start from a fork server (a fresh interpreter that imported torch and fedtune once and forks each worker
+from itself, so the workers share those pages too, and no worker inherits a parent's OpenMP threads,
+which a plain fork would hang on), set their torch threads, and talk to the parent over a pipe: pickled
+jobs in, pickled events out (each training step's loss, the job's `Done`, or the exception it raised).
+A worker that dies (killed, out of memory) closes its pipe; its exit code or signal is the reason given
+to the clients it held. Workers ignore SIGINT: Ctrl-C stops the parent, which stops them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import pickle
+import signal
+import traceback
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+import torch
+
+from fedtune.round.pool import Died, Event, Finished, Raised, Step, WorkerError
+from fedtune.round.worker import Job, WorkerJobs, WorkerRecipe
+
+PRELOAD = ["torch", "transformers", "peft", "fedtune.local"]  # imported once by the fork server
+STOP_TIMEOUT_S = 10.0
+
+
+def _send(conn: Connection, event: tuple[Any, ...]) -> None:
+    conn.send_bytes(pickle.dumps(event, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def _raised(exc: BaseException) -> tuple[str, bytes | None, str]:
+    try:
+        payload: bytes | None = pickle.dumps(exc)
+    except Exception:
+        payload = None
+    return ("raised", payload, "".join(traceback.format_exception(exc)))
+
+
+def serve(conn: Connection, recipe: WorkerRecipe, threads: int) -> None:
+    """A worker's life: build from the recipe, say ready, answer jobs until the parent stops it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    torch.set_num_threads(threads)
+    try:
+        jobs = WorkerJobs(recipe.build())
+    except BaseException as exc:
+        _send(conn, _raised(exc))
+        return
+    _send(conn, ("ready",))
+    while True:
+        try:
+            job = pickle.loads(conn.recv_bytes())
+        except EOFError:
+            return
+        if job is None:
+            return
+        try:
+            done = jobs.handle(job, on_step=lambda loss: _send(conn, ("step", loss)))
+        except BaseException as exc:
+            _send(conn, _raised(exc))
+            return
+        _send(conn, ("done", done))
+
+
+def _event(message: tuple[Any, ...]) -> Event:
+    kind = message[0]
+    if kind == "step":
+        return Step(message[1])
+    if kind == "done":
+        return Finished(message[1])
+    _, payload, trace = message
+    error: BaseException = WorkerError(f"a worker process failed:\n{trace}")
+    if payload is not None:
+        try:
+            error = pickle.loads(payload)
+            error.add_note(f"raised in a worker process:\n{trace}")
+        except Exception:
+            pass
+    return Raised(error)
+
+
+def _ended(process: multiprocessing.process.BaseProcess) -> str:
+    process.join(STOP_TIMEOUT_S)
+    code = process.exitcode
+    if code is None:
+        return f"worker process {process.pid} stopped answering"
+    if code < 0:
+        return f"worker process {process.pid} was killed by {signal.Signals(-code).name}"
+    return f"worker process {process.pid} exited with code {code}"
+
+
+@dataclass
+class _Worker:
+    process: multiprocessing.process.BaseProcess
+    conn: Connection
+    alive: bool = True
+
+
+class ProcessWorkers:
+    def __init__(self, recipe: WorkerRecipe, *, size: int, threads: int, start_method: str = "forkserver"):
+        """`size` workers of `threads` torch threads each; `start_method` "forkserver" (the default, see
+        the module doc) or "spawn"."""
+        if size < 1 or threads < 1:
+            raise ValueError("a pool needs at least one worker of one thread")
+        self.recipe = recipe
+        self.size = size
+        self.threads = threads
+        self._context = multiprocessing.get_context(start_method)
+        if start_method == "forkserver":
+            self._context.set_forkserver_preload(PRELOAD)
+        self._workers: dict[int, _Worker] = {}
+
+    def start(self) -> None:
+        starting = [w for w in range(self.size) if w not in self._workers or not self._workers[w].alive]
+        for w in starting:
+            parent_end, child_end = self._context.Pipe(duplex=True)
+            process = self._context.Process(
+                target=serve, args=(child_end, self.recipe, self.threads), name=f"fedtune-worker-{w}"
+            )
+            process.daemon = True
+            process.start()
+            child_end.close()
+            self._workers[w] = _Worker(process, parent_end)
+        for w in starting:
+            worker = self._workers[w]
+            try:
+                message = pickle.loads(worker.conn.recv_bytes())
+            except (EOFError, OSError):
+                worker.alive = False
+                raise WorkerError(f"a worker could not start: {_ended(worker.process)}") from None
+            if message[0] != "ready":
+                worker.alive = False
+                error = _event(message)
+                assert isinstance(error, Raised)
+                raise WorkerError(f"a worker could not start: {error.error}") from error.error
+
+    def alive(self) -> Sequence[int]:
+        return [w for w, worker in sorted(self._workers.items()) if worker.alive]
+
+    def pid(self, worker: int) -> int | None:
+        return self._workers[worker].process.pid
+
+    def submit(self, worker: int, job: Job) -> None:
+        with contextlib.suppress(OSError):  # it died: `wait` reports it
+            self._workers[worker].conn.send_bytes(pickle.dumps(job, protocol=pickle.HIGHEST_PROTOCOL))
+
+    def wait(self, busy: Collection[int]) -> list[tuple[int, Event]]:
+        by_conn = {self._workers[w].conn: w for w in busy}
+        events: list[tuple[int, Event]] = []
+        for conn in wait(list(by_conn)):
+            worker = by_conn[conn]  # type: ignore[index]
+            try:
+                while True:
+                    events.append((worker, _event(pickle.loads(conn.recv_bytes()))))
+                    if not conn.poll():
+                        break
+            except (EOFError, OSError):
+                self._workers[worker].alive = False
+                conn.close()
+                events.append((worker, Died(_ended(self._workers[worker].process))))
+        return events
+
+    def close(self) -> None:
+        for worker in self._workers.values():
+            if worker.alive:
+                with contextlib.suppress(OSError):
+                    worker.conn.send_bytes(pickle.dumps(None))
+        for worker in self._workers.values():
+            worker.process.join(STOP_TIMEOUT_S)
+            if worker.process.is_alive():
+                worker.process.kill()
+                worker.process.join()
+            worker.conn.close()
+        self._workers = {}

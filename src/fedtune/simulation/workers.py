@@ -1,0 +1,128 @@
+"""Who trains a simulation's clients: the one model of this process, or a pool of workers, each with its own.
+
+`ClientFactory` makes a client's participant over a loaded model: the run's trainers, where its personal
+adapter is saved, the generator of its distributed-DP noise shares. The serial executor uses the one the
+simulation built over its model; each worker of a pool builds its own from a `SimulationRecipe` (the
+config and the model's directory: the base weights are mapped from the same safetensors file, so they are
+in memory once). `executor_for` picks by `[simulation] backend`: serial, `processes`
+(`round.processes`), or `ray` (`round.ray_workers`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fedtune.config import Config
+from fedtune.data import ClientData
+from fedtune.local import load_model, make_personal_trainer, make_trainer
+from fedtune.model.adapter import save_adapter
+from fedtune.privacy.noise import os_entropy_rng
+from fedtune.round.executor import Executor, SerialExecutor
+from fedtune.round.participant import Participant
+from fedtune.round.plan import Member, ParticipantSpec
+from fedtune.round.pool import PoolExecutor
+from fedtune.round.state import ClientStateStore
+from fedtune.rundir import client_dir
+from fedtune.train.local import LocalModel, LocalTrainer, Trainer
+
+
+@dataclass
+class ClientFactory:
+    """Participants over one loaded model (`round.worker.ParticipantFactory`)."""
+
+    local: LocalModel
+    trainer: Trainer
+    personal_trainer: LocalTrainer | None
+    model_dir: Path
+    personal_root: Path  # personal adapters are saved here, one folder per client
+    noise_rng: np.random.Generator | None  # distributed DP's shares (None: no distributed DP)
+
+    @classmethod
+    def over(
+        cls,
+        config: Config,
+        local: LocalModel,
+        model_dir: Path,
+        personal_root: Path,
+        noise_rng: np.random.Generator | None,
+    ) -> ClientFactory:
+        trainer, personal = make_trainer(config, local), make_personal_trainer(config, local)
+        return cls(local, trainer, personal, model_dir, personal_root, noise_rng)
+
+    def keep_personal(self, client_id: str, flat: torch.Tensor) -> None:
+        folder = client_dir(self.personal_root, client_id)
+        save_adapter(self.local.model, self.local.adapter, flat, folder, self.model_dir)
+
+    def __call__(
+        self,
+        data: ClientData,
+        spec: ParticipantSpec,
+        states: ClientStateStore,
+        on_step: Callable[[float], None],
+    ) -> Participant:
+        return Participant(
+            data,
+            self.local,
+            self.trainer,
+            states,
+            spec,
+            noise_rng=self.noise_rng,
+            on_step=on_step,
+            personal_trainer=self.personal_trainer,
+            keep_personal=self.keep_personal,
+        )
+
+
+@dataclass(frozen=True)
+class SimulationRecipe:
+    """What a worker builds its model and trainers from (`round.worker.WorkerRecipe`); picklable."""
+
+    config: Config
+    model_dir: Path
+    personal_root: Path
+    pad_id: int
+    noise_shares: bool  # distributed DP: the worker draws its clients' shares from the OS
+
+    def build(self) -> ClientFactory:
+        local = load_model(self.config, self.model_dir, self.pad_id)
+        rng = os_entropy_rng() if self.noise_shares else None
+        return ClientFactory.over(self.config, local, self.model_dir, self.personal_root, rng)
+
+
+def cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def executor_for(
+    config: Config,
+    factory: ClientFactory,
+    participant_for: Callable[[Member], Participant],
+    client_for: Callable[[Member], tuple[ClientData, ParticipantSpec]],
+    states: ClientStateStore,
+    *,
+    on_step: Callable[[float], None],
+) -> Executor:
+    """The executor `[simulation] backend` names; a pool's workers start with its first round."""
+    sim = config.simulation
+    if sim.backend == "serial":
+        return SerialExecutor(participant_for)
+    workers, threads = sim.pool(cores())
+    recipe = SimulationRecipe(
+        config, factory.model_dir, factory.personal_root, factory.local.pad_id, factory.noise_rng is not None
+    )
+    if sim.backend == "processes":
+        from fedtune.round.processes import ProcessWorkers
+
+        pool = ProcessWorkers(recipe, size=workers, threads=threads)
+    else:
+        from fedtune.round.ray_workers import RayWorkers
+
+        pool = RayWorkers(recipe, size=workers, threads=threads, address=sim.ray_address)
+    return PoolExecutor(pool, client_for, states, on_step=on_step)
