@@ -48,6 +48,7 @@ def check(
         _check_control_variates(config)
     if config.personalize.method != "none":
         _check_personalize(config)
+    _check_simulation(config, mode)
     _check_deploy_lists(config)
     return check_composable(
         CompressionSpec.from_config(config.compression),
@@ -417,6 +418,29 @@ def _check_deployment(config: Config) -> None:
         raise ConfigError(
             "privacy.sampling = 'poisson' is simulated only; "
             "use privacy.sampling = 'fixed' for fedtune server"
+        )
+
+
+def _check_simulation(config: Config, mode: Mode | None) -> None:
+    """`[simulation]` settings that its backend, or the mode, cannot honour."""
+    sim = config.simulation
+    if mode == "deploy" and sim.backend != "serial":
+        raise ConfigError(
+            f"simulation.backend = {sim.backend!r} is how a simulation trains its clients; in a deployment "
+            "each site trains its own: remove [simulation] for fedtune server"
+        )
+    if sim.backend == "serial":
+        for field in ("workers", "threads_per_worker"):
+            if getattr(sim, field) != "auto":
+                raise ConfigError(
+                    f"simulation.{field} = {getattr(sim, field)} with simulation.backend = 'serial', which "
+                    "trains one client at a time with run.threads threads: set simulation.backend = "
+                    "'processes' or 'ray', or remove it"
+                )
+    if sim.ray_address is not None and sim.backend != "ray":
+        raise ConfigError(
+            f"simulation.ray_address = {sim.ray_address!r} with simulation.backend = {sim.backend!r}: set "
+            "simulation.backend = 'ray', or remove the address"
         )
 
 

@@ -94,11 +94,11 @@ class WorkerJobs:
         self._step = losses.append if on_step is None else on_step
         held = self._held.get(job.slot)
         if job.client is not None:
-            client = job.client
+            client, client_id = job.client, job.client.member.client_id
             states = ClientStateStore()
-            states.adopt(client.data.client_id, client.state)
+            states.adopt(client_id, client.state)
             participant = self.factory(client.data, client.spec, states, self._emit)
-            held = self._held[job.slot] = _Held(participant, client.data.client_id, states)
+            held = self._held[job.slot] = _Held(participant, client_id, states)
         if held is None:
             raise RuntimeError(f"a job for slot {job.slot} reached a worker that does not hold its client")
         before = held.states.export(held.client_id)
