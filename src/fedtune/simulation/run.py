@@ -150,7 +150,9 @@ def setup(
     def participant_for(member: Member) -> Participant:
         return factory(*client_for(member), states, observer.step)
 
-    executor = executor_for(config, factory, participant_for, client_for, states, on_step=observer.step)
+    executor = executor_for(
+        config, factory, participant_for, client_for, states, on_step=observer.step, notify=notify
+    )
     rate = config.secure_aggregation.dropout_rate
     transport = InProcessTransport(
         executor=executor,

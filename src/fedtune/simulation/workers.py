@@ -108,12 +108,15 @@ def executor_for(
     states: ClientStateStore,
     *,
     on_step: Callable[[float], None],
+    notify: Callable[[str], None] = lambda _msg: None,
 ) -> Executor:
     """The executor `[simulation] backend` names; a pool's workers start with its first round."""
     sim = config.simulation
     if sim.backend == "serial":
         return SerialExecutor(participant_for)
     workers, threads = sim.pool(cores())
+    kind = "worker processes" if sim.backend == "processes" else "Ray actors"
+    notify(f"{workers} {kind} of {threads} torch thread{'s' if threads > 1 else ''} each train the clients")
     recipe = SimulationRecipe(
         config, factory.model_dir, factory.personal_root, factory.local.pad_id, factory.noise_rng is not None
     )
