@@ -3,14 +3,15 @@
 The job of the side-by-side Flower measurement (SmolLM2-135M, LoRA r=8 alpha 16 on q_proj and v_proj,
 Shakespeare characters with at least 64 speeches, 10 clients, 4 per round, 3 rounds, 5 local AdamW steps,
 batch 4, 64 tokens, lr 2e-4, evaluated after the last round; fedtune also evaluates the base model at
-round 0), and a larger one (100 clients, 4 rounds of 16). Sides, interleaved in each repeat:
+round 0), `make run`'s default job (serial against processes: which should be the default), and a
+larger one (100 clients, 4 rounds of 16). Sides, interleaved in each repeat:
 `serial` (one process, all cores as torch threads: the default), `serial1` (one thread: the reference
 the pools must match bit for bit), `processes` (one worker per core, one thread each), `ray` (as many
 actors on a local Ray the run starts). Each run is `fedtune run` in a fresh process; a sampler reads the
 whole process tree every 0.5 s: PSS (shared pages counted once, over all processes) and the summed RSS.
 Each side's final adapter is compared with the first run's of `serial1`: max |difference|.
 
-    .venv/bin/python bench/parallel.py [--job small|large|both] [--repeats 2]
+    .venv/bin/python bench/parallel.py [--job small|default|large|all] [--repeats 2]
         [--sides serial,serial1,processes,ray]
 """
 
@@ -53,6 +54,7 @@ JOBS = {
         "federation.rounds=3",
         "eval.every=3",
     ],
+    "default": [],  # `make run`'s job: the default config
     "large": [
         *JOB,
         "federation.num_clients=100",
@@ -155,22 +157,28 @@ def run_once(job: str, side: str, repeat: int) -> tuple[Run, dict[str, torch.Ten
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--job", default="both", choices=["small", "large", "both"])
+    parser.add_argument("--job", default="all", choices=["small", "default", "large", "all"])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--sides", default="serial,serial1,processes,ray")
     parser.add_argument("--large-repeats", type=int, default=1)
+    parser.add_argument("--default-sides", default="serial,processes")
     args = parser.parse_args()
     sides = args.sides.split(",")
     OUT.mkdir(parents=True, exist_ok=True)
     runs: list[Run] = []
-    jobs = ["small", "large"] if args.job == "both" else [args.job]
+    jobs = ["small", "default", "large"] if args.job == "all" else [args.job]
     for job in jobs:
         reference: dict[str, torch.Tensor] | None = None
-        for repeat in range(args.repeats if job == "small" else args.large_repeats):
-            for side in sides:
-                if job == "large" and side == "serial1":
+        repeats = args.large_repeats if job == "large" else args.repeats
+        for repeat in range(repeats):
+            for side in args.default_sides.split(",") if job == "default" else sides:
+                if job != "small" and side == "serial1":
                     continue
-                run, adapter = run_once(job, side, repeat)
+                try:
+                    run, adapter = run_once(job, side, repeat)
+                except SystemExit as failed:
+                    print(failed, file=sys.stderr, flush=True)
+                    continue
                 if side == "serial1" and reference is None:
                     reference = adapter
                 if reference is not None:
@@ -187,7 +195,7 @@ def main() -> None:
         by_side = {}
         serial_wall = statistics.median(r.wall_s for r in base) if base else None
         serial_pss = statistics.median(r.peak_pss_mb for r in base) if base else None
-        for side in sides:
+        for side in SIDES:
             these = [r for r in mine if r.side == side]
             if not these:
                 continue

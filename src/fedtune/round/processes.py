@@ -1,12 +1,18 @@
 """Worker processes on this machine, for the pool (`round.pool`): `[simulation] backend = "processes"`.
 
-Each worker is started once per run and built from the recipe (the base model loaded from its
-safetensors file, which transformers memory-maps: the weights' pages are the page cache's, shared by
-every process that maps the file, so the base model is in memory once however many workers there are;
-each worker's own memory is its LoRA parameters, optimizer state, activations and interpreter). Workers
-start from a fork server (a fresh interpreter that imported torch and fedtune once and forks each worker
-from itself, so the workers share those pages too, and no worker inherits a parent's OpenMP threads,
-which a plain fork would hang on), set their torch threads, and talk to the parent over a pipe: pickled
+Each worker is started once per run and built from its recipe; the base model's weights are in memory
+once however many workers there are, since transformers memory-maps them from the model's safetensors
+file and a mapped file's pages are the page cache's, shared by every process that maps them. A worker's
+own memory is its LoRA parameters, optimizer state, activations and what its interpreter writes.
+
+How a worker starts (`start_method`): "fork" copies this process, which has loaded the model and the data
+already (the recipe is then the simulation's own participant factory, inherited, not pickled): it starts
+at once and shares every page it does not write (the parent freezes its garbage collector's objects for
+the fork, so that collecting does not write them). A forked worker must train with one torch thread:
+OpenMP's thread pool does not survive a fork, and a child that asks it for more threads than one hangs.
+"forkserver" (for more threads per worker, or off Linux): a fresh interpreter that imported torch and
+fedtune once forks each worker from itself; the worker builds from a picklable recipe (loads the model
+from its file, mapped). Workers set their torch threads and talk to the parent over a pipe: pickled
 jobs in, pickled events out (each training step's loss, the job's `Done`, or the exception it raised).
 A worker that dies (killed, out of memory) closes its pipe; its exit code or signal is the reason given
 to the clients it held. Workers ignore SIGINT: Ctrl-C stops the parent, which stops them.
@@ -15,6 +21,7 @@ to the clients it held. Workers ignore SIGINT: Ctrl-C stops the parent, which st
 from __future__ import annotations
 
 import contextlib
+import gc
 import multiprocessing
 import pickle
 import signal
@@ -106,10 +113,13 @@ class _Worker:
 
 class ProcessWorkers:
     def __init__(self, recipe: WorkerRecipe, *, size: int, threads: int, start_method: str = "forkserver"):
-        """`size` workers of `threads` torch threads each; `start_method` "forkserver" (the default, see
-        the module doc) or "spawn"."""
+        """`size` workers of `threads` torch threads each; `start_method` "fork" (one thread only),
+        "forkserver" or "spawn" (see the module doc)."""
         if size < 1 or threads < 1:
             raise ValueError("a pool needs at least one worker of one thread")
+        if start_method == "fork" and threads != 1:
+            raise ValueError("a forked worker trains with one torch thread (OpenMP does not survive a fork)")
+        self.start_method = start_method
         self.recipe = recipe
         self.size = size
         self.threads = threads
@@ -120,15 +130,25 @@ class ProcessWorkers:
 
     def start(self) -> None:
         starting = [w for w in range(self.size) if w not in self._workers or not self._workers[w].alive]
-        for w in starting:
-            parent_end, child_end = self._context.Pipe(duplex=True)
-            process = self._context.Process(
-                target=serve, args=(child_end, self.recipe, self.threads), name=f"fedtune-worker-{w}"
-            )
-            process.daemon = True
-            process.start()
-            child_end.close()
-            self._workers[w] = _Worker(process, parent_end)
+        if not starting:
+            return
+        forking = self.start_method == "fork"
+        if forking:
+            gc.collect()
+            gc.freeze()  # what exists now stays shared: the child's collector leaves it alone
+        try:
+            for w in starting:
+                parent_end, child_end = self._context.Pipe(duplex=True)
+                process = self._context.Process(
+                    target=serve, args=(child_end, self.recipe, self.threads), name=f"fedtune-worker-{w}"
+                )
+                process.daemon = True
+                process.start()
+                child_end.close()  # before the next fork: a worker's death must close its pipe's last end
+                self._workers[w] = _Worker(process, parent_end)
+        finally:
+            if forking:
+                gc.unfreeze()
         for w in starting:
             worker = self._workers[w]
             try:

@@ -2,15 +2,16 @@
 
 `ClientFactory` makes a client's participant over a loaded model: the run's trainers, where its personal
 adapter is saved, the generator of its distributed-DP noise shares. The serial executor uses the one the
-simulation built over its model; each worker of a pool builds its own from a `SimulationRecipe` (the
-config and the model's directory: the base weights are mapped from the same safetensors file, so they are
-in memory once). `executor_for` picks by `[simulation] backend`: serial, `processes`
+simulation built over its model; a forked worker inherits it (`Inherited`), any other builds its own from
+a `SimulationRecipe` (the config; the base weights are mapped from the model's safetensors file, so on
+one machine they are in memory once). `executor_for` picks by `[simulation] backend`: serial, `processes`
 (`round.processes`), or `ray` (`round.ray_workers`).
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from fedtune.config import Config
 from fedtune.data import ClientData
 from fedtune.local import load_model, make_personal_trainer, make_trainer
 from fedtune.model.adapter import save_adapter
+from fedtune.model.base import resolve_model_dir
 from fedtune.privacy.noise import os_entropy_rng
 from fedtune.round.executor import Executor, SerialExecutor
 from fedtune.round.participant import Participant
@@ -81,18 +83,29 @@ class ClientFactory:
 
 @dataclass(frozen=True)
 class SimulationRecipe:
-    """What a worker builds its model and trainers from (`round.worker.WorkerRecipe`); picklable."""
+    """What a worker builds its model and trainers from (`round.worker.WorkerRecipe`); picklable. The
+    model is resolved by name where the worker runs (a built-in one is made once on each node)."""
 
     config: Config
-    model_dir: Path
-    personal_root: Path
+    personal_root: Path  # absolute: a worker may run elsewhere
     pad_id: int
     noise_shares: bool  # distributed DP: the worker draws its clients' shares from the OS
 
     def build(self) -> ClientFactory:
-        local = load_model(self.config, self.model_dir, self.pad_id)
+        model_dir = resolve_model_dir(self.config.model.name)
+        local = load_model(self.config, model_dir, self.pad_id)
         rng = os_entropy_rng() if self.noise_shares else None
-        return ClientFactory.over(self.config, local, self.model_dir, self.personal_root, rng)
+        return ClientFactory.over(self.config, local, model_dir, self.personal_root, rng)
+
+
+@dataclass(frozen=True)
+class Inherited:
+    """A forked worker's recipe: the parent's factory, already built, inherited with the process."""
+
+    factory: ClientFactory
+
+    def build(self) -> ClientFactory:
+        return self.factory
 
 
 def cores() -> int:
@@ -118,12 +131,15 @@ def executor_for(
     kind = "worker processes" if sim.backend == "processes" else "Ray actors"
     notify(f"{workers} {kind} of {threads} torch thread{'s' if threads > 1 else ''} each train the clients")
     recipe = SimulationRecipe(
-        config, factory.model_dir, factory.personal_root, factory.local.pad_id, factory.noise_rng is not None
+        config, factory.personal_root.resolve(), factory.local.pad_id, factory.noise_rng is not None
     )
     if sim.backend == "processes":
         from fedtune.round.processes import ProcessWorkers
 
-        pool = ProcessWorkers(recipe, size=workers, threads=threads)
+        if threads == 1 and sys.platform.startswith("linux"):  # a copy of this process: see round.processes
+            pool = ProcessWorkers(Inherited(factory), size=workers, threads=1, start_method="fork")
+        else:
+            pool = ProcessWorkers(recipe, size=workers, threads=threads, start_method="forkserver")
     else:
         from fedtune.round.ray_workers import RayWorkers
 
