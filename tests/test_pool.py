@@ -12,6 +12,7 @@ import os
 import signal
 from collections.abc import Collection, Sequence
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -30,6 +31,7 @@ from fedtune.simulation import Silent, run_setup, setup, simulate
 from tests.test_simulation import SMALL
 
 POOL = ["simulation.backend=processes", "simulation.workers=2", "simulation.threads_per_worker=1"]
+SERIAL = ["simulation.backend=serial", "run.threads=1"]
 CASES = {
     "plain": [],
     "secure": ["secure_aggregation.enabled=true", "secure_aggregation.clip_range=1.0"],
@@ -45,7 +47,7 @@ def adapter(result) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("case", list(CASES))
 def test_two_worker_processes_give_the_serial_adapter_bit_for_bit(case, tmp_path):
     extra = [*SMALL, *CASES[case], "federation.rounds=2"]
-    serial = simulate(load_config(None, [*extra, "run.threads=1", f"run.dir={tmp_path / 's'}"]))
+    serial = simulate(load_config(None, [*extra, *SERIAL, f"run.dir={tmp_path / 's'}"]))
     pooled = simulate(load_config(None, [*extra, *POOL, f"run.dir={tmp_path / 'p'}"]))
     a, b = adapter(serial), adapter(pooled)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -60,7 +62,7 @@ def test_two_worker_processes_give_the_serial_adapter_bit_for_bit(case, tmp_path
 
 class KillsItsWorker:
     """A recipe whose participants SIGKILL their own worker process when they are sent the training
-    task of `round_num` in slot 0 (defined here so the fork server can import it)."""
+    task of `round_num` in slot 0 (a forked worker inherits it; a fork server would import it from here)."""
 
     def __init__(self, inner, round_num: int) -> None:
         self.inner, self.round_num = inner, round_num
@@ -194,8 +196,14 @@ def test_a_dead_workers_client_is_a_failed_submission():
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["simulation.workers=2"], r"simulation\.workers = 2 with simulation\.backend = 'serial'"),
-        (["simulation.threads_per_worker=2"], r"simulation\.threads_per_worker = 2 with"),
+        (
+            ["simulation.backend=serial", "simulation.workers=2"],
+            r"simulation\.workers = 2 with simulation\.ba",
+        ),
+        (
+            ["simulation.backend=serial", "simulation.threads_per_worker=2"],
+            r"simulation\.threads_per_worker = 2",
+        ),
         (["simulation.ray_address=auto"], r"simulation\.ray_address = 'auto' with simulation\.backend"),
         (["simulation.backend=threads"], r"simulation\.backend"),
     ],
@@ -208,13 +216,34 @@ def test_settings_a_backend_cannot_honour_are_refused(overrides, message):
 def test_a_deployment_refuses_a_simulation_backend():
     from fedtune.config import check
 
-    config = load_config(None, [*POOL, "deploy.clients=['a', 'b', 'c', 'd']"])
-    with pytest.raises(ConfigError, match="remove \\[simulation\\] for fedtune server"):
-        check(config, "deploy")
+    sites = "deploy.clients=['a', 'b', 'c', 'd']"
+    assert check(load_config(None, [sites]), "deploy") == []  # the default [simulation] is no setting
+    for pool in (POOL, ["simulation.backend=ray"], ["simulation.backend=serial"]):
+        with pytest.raises(ConfigError, match="remove \\[simulation\\] for fedtune server"):
+            check(load_config(None, [*pool, sites]), "deploy")
 
 
 def test_auto_is_one_worker_per_core_with_the_cores_shared():
-    config = load_config(None, ["simulation.backend=processes"]).simulation
+    config = load_config(None, []).simulation
+    assert config.backend == "processes"  # the default: faster on the default job (bench/parallel.py)
     assert config.pool(8) == (8, 1)
     assert config.model_copy(update={"workers": 2}).pool(8) == (2, 4)
     assert config.model_copy(update={"workers": 3, "threads_per_worker": 2}).pool(8) == (3, 2)
+
+
+def test_a_forked_worker_draws_its_own_noise(tiny_dir, tokenizer, tmp_path):
+    """DP-SGD's generators and distributed DP's share generator are made again in each forked worker:
+    copies of the parent's would add the same noise in every worker."""
+    from fedtune.local import load_model
+    from fedtune.simulation.workers import ClientFactory, Inherited
+
+    config = load_config(None, ["model.name=tiny", "dpsgd.enabled=true", *POOL])
+    local = load_model(config, tiny_dir, tokenizer.pad_token_id)
+    parent = ClientFactory.over(config, local, tiny_dir, tmp_path, np.random.default_rng(0))
+    worker = Inherited(config, parent).build()
+    assert worker.local is parent.local  # the model itself is shared ...
+    assert worker.trainer is not parent.trainer  # ... not the noise
+    assert worker.noise_rng is not parent.noise_rng
+    draws = [f.trainer.noise_generator.initial_seed() for f in (parent, worker)]
+    assert draws[0] != draws[1]
+    assert parent.noise_rng.random() != worker.noise_rng.random()

@@ -19,6 +19,7 @@ from fedtune.data.settings import BUILTIN_SOURCES
 from fedtune.errors import ConfigError
 from fedtune.pki import CLIENT_ID_PATTERN
 from fedtune.privacy.settings import check_accountable
+from fedtune.round.settings import SimulationConfig
 from fedtune.secagg.fixedpoint import check_overflow
 from fedtune.secagg.graph import resolve_neighbours
 
@@ -424,10 +425,10 @@ def _check_deployment(config: Config) -> None:
 def _check_simulation(config: Config, mode: Mode | None) -> None:
     """`[simulation]` settings that its backend, or the mode, cannot honour."""
     sim = config.simulation
-    if mode == "deploy" and sim.backend != "serial":
+    if mode == "deploy" and sim != SimulationConfig():
         raise ConfigError(
-            f"simulation.backend = {sim.backend!r} is how a simulation trains its clients; in a deployment "
-            "each site trains its own: remove [simulation] for fedtune server"
+            f"[simulation] (backend = {sim.backend!r}, workers = {sim.workers!r}) is how a simulation trains "
+            "its clients; in a deployment each site trains its own: remove [simulation] for fedtune server"
         )
     if sim.backend == "serial":
         for field in ("workers", "threads_per_worker"):

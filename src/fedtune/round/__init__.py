@@ -7,6 +7,8 @@ evaluate, the secure stages) with `encode` (its one update pipeline) and `state`
 between rounds) -> on the server, `collect` (updates into a sum or a stack), `secure` (the SecAgg+ stages
 through the transport) and `engine` (sampling, dispatch, sum, privacy, rule, server optimizer, failure
 policy, budget stop, metrics) -> `results` (typed round results; rows are made only at the edges).
-`inprocess` is the simulation's transport; the gRPC one is `fedtune.transport.grpc_transport`.
-`settings` holds the `[federation]` and `[eval]` sections.
+`inprocess` is the simulation's transport, over an `executor`: serial, or a `pool` of workers (`worker`
+is what each runs; `processes` and `ray_workers` start them); the gRPC one is
+`fedtune.transport.grpc_transport`. `settings` holds the `[federation]`, `[eval]`, `[personalize]` and
+`[simulation]` sections.
 """

@@ -17,6 +17,8 @@ with the worker's traceback, as the serial run would have raised it.
 from __future__ import annotations
 
 import math
+import pickle
+import traceback
 from collections import deque
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -56,6 +58,28 @@ class Raised:
 
 
 Event = Step | Finished | Died | Raised
+
+
+def raised_message(exc: BaseException) -> tuple[str, bytes | None, str]:
+    """What a worker sends when a job raised: the exception pickled (when it can be) and its traceback."""
+    try:
+        payload: bytes | None = pickle.dumps(exc, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:
+        payload = None
+    return ("raised", payload, "".join(traceback.format_exception(exc)))
+
+
+def raised_event(payload: bytes | None, trace: str, where: str) -> Raised:
+    """The exception a worker (`where`: "a worker process", "a Ray actor") sent, with its traceback as a
+    note; a `WorkerError` with the traceback when it could not be pickled."""
+    error: BaseException = WorkerError(f"{where} failed:\n{trace}")
+    if payload is not None:
+        try:
+            error = pickle.loads(payload)
+            error.add_note(f"raised in {where}:\n{trace}")
+        except Exception:
+            pass
+    return Raised(error)
 
 
 class Workers(Protocol):

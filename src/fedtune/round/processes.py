@@ -25,7 +25,6 @@ import gc
 import multiprocessing
 import pickle
 import signal
-import traceback
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
@@ -33,7 +32,7 @@ from typing import Any
 
 import torch
 
-from fedtune.round.pool import Died, Event, Finished, Raised, Step, WorkerError
+from fedtune.round.pool import Died, Event, Finished, Raised, Step, WorkerError, raised_event, raised_message
 from fedtune.round.worker import Job, WorkerJobs, WorkerRecipe
 
 PRELOAD = ["torch", "transformers", "peft", "fedtune.local"]  # imported once by the fork server
@@ -44,14 +43,6 @@ def _send(conn: Connection, event: tuple[Any, ...]) -> None:
     conn.send_bytes(pickle.dumps(event, protocol=pickle.HIGHEST_PROTOCOL))
 
 
-def _raised(exc: BaseException) -> tuple[str, bytes | None, str]:
-    try:
-        payload: bytes | None = pickle.dumps(exc)
-    except Exception:
-        payload = None
-    return ("raised", payload, "".join(traceback.format_exception(exc)))
-
-
 def serve(conn: Connection, recipe: WorkerRecipe, threads: int) -> None:
     """A worker's life: build from the recipe, say ready, answer jobs until the parent stops it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -59,7 +50,7 @@ def serve(conn: Connection, recipe: WorkerRecipe, threads: int) -> None:
     try:
         jobs = WorkerJobs(recipe.build())
     except BaseException as exc:
-        _send(conn, _raised(exc))
+        _send(conn, raised_message(exc))
         return
     _send(conn, ("ready",))
     while True:
@@ -72,7 +63,7 @@ def serve(conn: Connection, recipe: WorkerRecipe, threads: int) -> None:
         try:
             done = jobs.handle(job, on_step=lambda loss: _send(conn, ("step", loss)))
         except BaseException as exc:
-            _send(conn, _raised(exc))
+            _send(conn, raised_message(exc))
             return
         _send(conn, ("done", done))
 
@@ -84,14 +75,7 @@ def _event(message: tuple[Any, ...]) -> Event:
     if kind == "done":
         return Finished(message[1])
     _, payload, trace = message
-    error: BaseException = WorkerError(f"a worker process failed:\n{trace}")
-    if payload is not None:
-        try:
-            error = pickle.loads(payload)
-            error.add_note(f"raised in a worker process:\n{trace}")
-        except Exception:
-            pass
-    return Raised(error)
+    return raised_event(payload, trace, "a worker process")
 
 
 def _ended(process: multiprocessing.process.BaseProcess) -> str:

@@ -30,13 +30,12 @@ import logging
 import os
 import pickle
 import re
-import traceback
 from collections.abc import Collection, Sequence
 from typing import Any
 
 import torch
 
-from fedtune.round.pool import Died, Event, Finished, Raised, WorkerError
+from fedtune.round.pool import Died, Event, Finished, Raised, WorkerError, raised_event, raised_message
 from fedtune.round.worker import Job, WorkerJobs, WorkerRecipe
 
 START_TIMEOUT_S = 300.0  # for every new actor to be placed and built
@@ -71,25 +70,14 @@ class _Worker:
             answer: tuple[Any, ...] = ("done", self._jobs.handle(pickle.loads(job), on_step=None))
             return pickle.dumps(answer, protocol=pickle.HIGHEST_PROTOCOL)
         except Exception as exc:
-            try:
-                payload: bytes | None = pickle.dumps(exc, protocol=pickle.HIGHEST_PROTOCOL)
-            except Exception:
-                payload = None
-            return pickle.dumps(("raised", payload, "".join(traceback.format_exception(exc))))
+            return pickle.dumps(raised_message(exc))
 
 
 def _answer(message: tuple[Any, ...]) -> Event:
     if message[0] == "done":
         return Finished(message[1])
     _, payload, trace = message
-    error: BaseException = WorkerError(f"a Ray actor failed:\n{trace}")
-    if payload is not None:
-        try:
-            error = pickle.loads(payload)
-            error.add_note(f"raised in a Ray actor:\n{trace}")
-        except Exception:
-            pass
-    return Raised(error)
+    return raised_event(payload, trace, "a Ray actor")
 
 
 def _plain(text: str) -> str:

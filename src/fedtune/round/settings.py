@@ -51,7 +51,8 @@ class SimulationConfig(Section):
     """How a simulation computes its clients (`round.executor`, `round.pool`): one after another in
     this process, in worker processes on this machine, or on Ray actors."""
 
-    backend: Literal["serial", "processes", "ray"] = "serial"
+    # processes is the default: on the default job it takes 0.84x serial's time (bench/RESULTS.md)
+    backend: Literal["serial", "processes", "ray"] = "processes"
     workers: PositiveInt | Literal["auto"] = "auto"  # processes, ray: how many at once; auto: one per core
     threads_per_worker: PositiveInt | Literal["auto"] = "auto"  # torch threads each; auto: cores / workers
     # ray: None starts a local Ray for the run (and stops it after); "auto" joins the cluster that

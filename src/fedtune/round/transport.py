@@ -9,8 +9,9 @@ and returns the messages the transport refused on its own during it (malformed b
 
 Phases: an evaluation round has one (`EVALUATE`); a plain training round one (`TRAIN`); a secure round
 four (`ADVERTISE_KEYS`, `SHARE_KEYS`, `MASKED_INPUT`, where the clients train, and `UNMASK`). A transport
-implements three methods and knows nothing of sampling, sums, privacy or metrics: `inprocess` calls
-participants on the one shared model; `fedtune.transport.grpc_transport` serves them over gRPC.
+implements three methods and knows nothing of sampling, sums, privacy or metrics: `inprocess` hands
+them to participants in the simulation (one after another, or to a pool of worker processes or Ray
+actors: `round.executor`); `fedtune.transport.grpc_transport` serves them over gRPC.
 """
 
 from __future__ import annotations

@@ -140,8 +140,11 @@ def setup(
 
     states, spec, profiles = ClientStateStore(), participant_spec(config), resolved.profiles
     shares = None if resolved.dp_randomness is None else resolved.dp_randomness.shares
-    if dp_randomness is not None and config.simulation.backend != "serial":
-        raise ValueError("a seeded dp_randomness (tests) needs simulation.backend = 'serial'")
+    distributed = config.privacy.mode == "distributed"
+    if distributed and dp_randomness is not None and config.simulation.backend != "serial":
+        raise ValueError(  # workers draw their shares from the OS: the given generator would go unused
+            "a given dp_randomness with privacy.mode = 'distributed' needs simulation.backend = 'serial'"
+        )
     factory = ClientFactory.over(config, local, model_dir, run_dir.personal_root, shares)
 
     def client_for(member: Member) -> tuple[ClientData, ParticipantSpec]:

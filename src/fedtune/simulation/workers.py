@@ -100,12 +100,17 @@ class SimulationRecipe:
 
 @dataclass(frozen=True)
 class Inherited:
-    """A forked worker's recipe: the parent's factory, already built, inherited with the process."""
+    """A forked worker's recipe: the parent's loaded model, inherited with the process. The trainers and
+    the noise generator are made again in the worker: a copied generator would draw the same DP-SGD
+    noise, and the same distributed-DP shares, in every worker."""
 
+    config: Config
     factory: ClientFactory
 
     def build(self) -> ClientFactory:
-        return self.factory
+        parent = self.factory
+        rng = None if parent.noise_rng is None else os_entropy_rng()
+        return ClientFactory.over(self.config, parent.local, parent.model_dir, parent.personal_root, rng)
 
 
 def cores() -> int:
@@ -137,7 +142,7 @@ def executor_for(
         from fedtune.round.processes import ProcessWorkers
 
         if threads == 1 and sys.platform.startswith("linux"):  # a copy of this process: see round.processes
-            pool = ProcessWorkers(Inherited(factory), size=workers, threads=1, start_method="fork")
+            pool = ProcessWorkers(Inherited(config, factory), size=workers, threads=1, start_method="fork")
         else:
             pool = ProcessWorkers(recipe, size=workers, threads=threads, start_method="forkserver")
     else:
