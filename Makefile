@@ -52,6 +52,7 @@ bench: install-dev
 	$(BIN)/python bench/communication.py
 	$(BIN)/python bench/privacy_utility.py
 	$(BIN)/python bench/deploy.py
+	$(BIN)/python bench/parallel.py
 
 # the wire schema: regenerate after editing proto/fedtune_v2.proto (the generated module is committed)
 proto: install-dev
