@@ -17,6 +17,7 @@ with the worker's traceback, as the serial run would have raised it.
 from __future__ import annotations
 
 import math
+import os
 import pickle
 import traceback
 from collections import deque
@@ -31,6 +32,11 @@ from fedtune.round.plan import Member, ParticipantSpec
 from fedtune.round.state import ClientStateStore
 from fedtune.round.transport import Phase
 from fedtune.round.worker import ClientJob, Done, Job
+
+
+def cores() -> int:
+    """The cores this process may run on (what `simulation.workers = "auto"` counts)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 class WorkerError(FedtuneError):
@@ -171,9 +177,9 @@ class PoolExecutor:
                 elif isinstance(event, Died):
                     self._dead[worker], cap = event.reason, None  # the others take the free slots now
                     slot = busy.pop(worker, None)
-                    for lost in ([] if slot is None else [slot]) + list(pinned.pop(worker, ())):
+                    for lost in ([] if slot is None else [slot]) + list(pinned[worker]):
                         yield lost, self._lost(worker)
-                    pinned[worker] = deque()
+                    pinned[worker].clear()
                 else:
                     raise event.error
 
@@ -189,7 +195,7 @@ class PoolExecutor:
     def _finish(self, done: Done) -> object:
         for loss in done.losses:
             self.on_step(loss)
-        if done.changed:
+        if done.state is not None:
             self.states.adopt(self._members[done.slot].client_id, done.state)
         return done.reply
 

@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from fedtune.round.pool import Died, Event, Finished, Raised, WorkerError, raised_event, raised_message
+from fedtune.round.pool import Died, Event, Finished, Raised, WorkerError, cores, raised_event, raised_message
 from fedtune.round.worker import Job, WorkerJobs, WorkerRecipe
 
 START_TIMEOUT_S = 300.0  # for every new actor to be placed and built
@@ -48,10 +48,6 @@ def _ray() -> Any:
     except ImportError:
         raise WorkerError(INSTALL_HINT) from None
     return ray
-
-
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 class _Worker:
@@ -117,7 +113,7 @@ class RayWorkers:
         if not ray.is_initialized():
             quiet: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.ERROR}
             if self.address is None:
-                cpus = max(_cores(), self.size * self.threads)
+                cpus = max(cores(), self.size * self.threads)
                 ray.init(num_cpus=cpus, include_dashboard=False, **quiet)
             else:
                 try:

@@ -62,8 +62,7 @@ class Job:
 class Done:
     slot: int
     reply: object
-    state: StateEntry | None  # the client's new entry, when the job changed it
-    changed: bool
+    state: StateEntry | None  # the client's new entry, when the job changed it (None: unchanged)
     losses: tuple[float, ...]  # the training steps' losses, for a worker that cannot stream them
 
 
@@ -104,5 +103,4 @@ class WorkerJobs:
         before = held.states.export(held.client_id)
         reply = held.participant.respond(job.message)
         after = held.states.export(held.client_id)
-        changed = after is not before
-        return Done(job.slot, reply, after if changed else None, changed, tuple(losses))
+        return Done(job.slot, reply, None if after is before else after, tuple(losses))

@@ -31,7 +31,6 @@ from fedtune.model.adapter import save_adapter
 from fedtune.round.clock import SimulatedClock
 from fedtune.round.engine import RoundEngine
 from fedtune.round.inprocess import Dropouts, InProcessTransport, SeededDropouts
-from fedtune.round.participant import Participant
 from fedtune.round.plan import DpRandomness, Member, ParticipantSpec
 from fedtune.round.profiles import spec_for
 from fedtune.round.results import EvalSummary, RoundResult
@@ -150,12 +149,7 @@ def setup(
     def client_for(member: Member) -> tuple[ClientData, ParticipantSpec]:
         return clients[member.index], spec_for(spec, profiles[member.client_id])
 
-    def participant_for(member: Member) -> Participant:
-        return factory(*client_for(member), states, observer.step)
-
-    executor = executor_for(
-        config, factory, participant_for, client_for, states, on_step=observer.step, notify=notify
-    )
+    executor = executor_for(config, factory, client_for, states, on_step=observer.step, notify=notify)
     rate = config.secure_aggregation.dropout_rate
     transport = InProcessTransport(
         executor=executor,

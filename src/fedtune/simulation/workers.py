@@ -10,7 +10,6 @@ one machine they are in memory once). `executor_for` picks by `[simulation] back
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from fedtune.privacy.noise import os_entropy_rng
 from fedtune.round.executor import Executor, SerialExecutor
 from fedtune.round.participant import Participant
 from fedtune.round.plan import Member, ParticipantSpec
-from fedtune.round.pool import PoolExecutor
+from fedtune.round.pool import PoolExecutor, cores
 from fedtune.round.state import ClientStateStore
 from fedtune.rundir import client_dir
 from fedtune.train.local import LocalModel, LocalTrainer, Trainer
@@ -113,15 +112,9 @@ class Inherited:
         return ClientFactory.over(self.config, parent.local, parent.model_dir, parent.personal_root, rng)
 
 
-def cores() -> int:
-    """The cores this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def executor_for(
     config: Config,
     factory: ClientFactory,
-    participant_for: Callable[[Member], Participant],
     client_for: Callable[[Member], tuple[ClientData, ParticipantSpec]],
     states: ClientStateStore,
     *,
@@ -131,7 +124,7 @@ def executor_for(
     """The executor `[simulation] backend` names; a pool's workers start with its first round."""
     sim = config.simulation
     if sim.backend == "serial":
-        return SerialExecutor(participant_for)
+        return SerialExecutor(lambda member: factory(*client_for(member), states, on_step))
     workers, threads = sim.pool(cores())
     kind = "worker processes" if sim.backend == "processes" else "Ray actors"
     notify(f"{workers} {kind} of {threads} torch thread{'s' if threads > 1 else ''} each train the clients")
