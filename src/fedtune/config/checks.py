@@ -50,6 +50,11 @@ def check(
     if config.personalize.method != "none":
         _check_personalize(config)
     _check_simulation(config, mode)
+    if mode == "deploy" and config.attack.active:
+        raise ConfigError(
+            f"attack.kind = {config.attack.kind!r} simulates attacking clients; a deployment's clients are "
+            "real: remove [attack] for fedtune server"
+        )
     _check_deploy_lists(config)
     return check_composable(
         CompressionSpec.from_config(config.compression),

@@ -4,8 +4,8 @@
 `[model]` `[lora]` (model.settings), `[data]` (data.settings), `[federation]` `[eval]` `[personalize]`
 `[simulation]` (round.settings), `[clients]` (round.profiles), `[train]` (train.settings), `[server]`
 (aggregate.settings), `[secure_aggregation]` (secagg.settings), `[compression]` (compress.settings),
-`[privacy]` `[dpsgd]` (privacy.settings), `[deploy]` (transport.settings). The rules that span sections
-are in `checks`; loading and overrides in `load`.
+`[privacy]` `[dpsgd]` (privacy.settings), `[attack]` (attack.settings), `[deploy]` (transport.settings).
+The rules that span sections are in `checks`; loading and overrides in `load`.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from pathlib import Path
 from pydantic import Field
 
 from fedtune.aggregate.settings import ServerConfig
+from fedtune.attack.settings import AttackConfig
 from fedtune.compress.settings import CompressionConfig
 from fedtune.data.settings import DataConfig
 from fedtune.model.settings import LoraSettings, ModelConfig
@@ -58,6 +59,7 @@ class Config(Section):
     eval: EvalConfig = EvalConfig()
     personalize: PersonalizeConfig = PersonalizeConfig()
     simulation: SimulationConfig = SimulationConfig()
+    attack: AttackConfig = AttackConfig()
     deploy: DeployConfig = DeployConfig()
 
     @property

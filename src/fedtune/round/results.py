@@ -5,7 +5,8 @@ out under client-level DP (who took part is part of the guarantee), the `secagg_
 aggregation, the privacy keys with `privacy.mode`, `dpsgd_epsilon_max` with `dpsgd.enabled`,
 `svd_residual` with `server.lora_aggregation = "svd"` or `"flexlora"`, the simulated clock's
 (`simulated_seconds`, `simulated_seconds_total`, `client_seconds`) in a simulation with `[clients]` profiles
-or `federation.round_deadline_s` (`client_seconds` left out under client-level DP), and on the last
+or `federation.round_deadline_s` (`client_seconds` left out under client-level DP), a simulated attack's
+(`attackers_aggregated`, `honest_eval_loss`, `backdoor_success`) with `[attack]`, and on the last
 evaluation of a run with `[personalize]` the personal adapters' `personal_eval_loss` and
 `personal_eval_perplexity`.
 """
@@ -59,6 +60,15 @@ class SvdMetrics:
     """`server.lora_aggregation = "svd"`: what re-factoring the mean product to the rank dropped."""
 
     relative_residual: float | None  # ||M - M_r||_F / ||M||_F over every module; None: nothing merged
+
+
+@dataclass(frozen=True)
+class AttackMetrics:
+    """A simulated attack (`[attack]`): how much of the round was the attackers', and what it did."""
+
+    attackers_aggregated: int | None  # attackers whose update is in the aggregate (None under DP)
+    honest_eval_loss: float | None  # token-weighted over the honest evaluation clients; None: no eval
+    backdoor_success: float | None  # backdoor: the share of trigger probes won by the target (on evals)
 
 
 @dataclass(frozen=True)
@@ -127,6 +137,7 @@ class RoundResult:
     dpsgd_epsilon_max: float | None = None
     svd: SvdMetrics | None = None
     timing: RoundTiming | None = None  # the simulated clock's, when the simulation runs one
+    attack: AttackMetrics | None = None  # a simulated attack's, with [attack]
 
     def to_row(self) -> dict[str, Any]:
         """The metrics.jsonl row."""
@@ -186,4 +197,11 @@ class RoundResult:
             row["svd_residual"] = self.svd.relative_residual
         if self.timing is not None:
             row |= self.timing.row(per_client=self.client_ids is not None)
+        if self.attack is not None:
+            a = self.attack
+            row |= {
+                "attackers_aggregated": a.attackers_aggregated,
+                "honest_eval_loss": a.honest_eval_loss,
+                "backdoor_success": a.backdoor_success,
+            }
         return row

@@ -38,6 +38,7 @@ from fedtune.round.state import ClientStateStore
 from fedtune.round.transport import Phase
 from fedtune.rundir import RunDir, client_changes, summary
 from fedtune.seeding import numpy_rng
+from fedtune.simulation.attack import AttackMonitor, arm
 from fedtune.simulation.workers import ClientFactory, executor_for
 from fedtune.train.local import LocalModel
 
@@ -94,6 +95,7 @@ class Setup:
     states: ClientStateStore  # what the in-process clients keep between rounds
     transport: InProcessTransport
     clock: SimulatedClock | None = None  # with [clients] profiles or federation.round_deadline_s
+    attack: AttackMonitor | None = None  # with [attack]
 
     def close(self) -> None:
         """Stop the pool's workers, if any (the serial executor has none)."""
@@ -144,7 +146,21 @@ def setup(
         raise ValueError(  # workers draw their shares from the OS: the given generator would go unused
             "a given dp_randomness with privacy.mode = 'distributed' needs simulation.backend = 'serial'"
         )
-    factory = ClientFactory.over(config, local, model_dir, run_dir.personal_root, shares)
+    cap = config.data.max_examples_per_client
+    armed = arm(
+        config.attack,
+        clients,
+        tokenizer,
+        seed=seed,
+        cohort=resolved.plan.cohort,
+        weight_cap=None if cap == "all" else cap,
+        max_seq_len=config.data.max_seq_len,
+        eval_examples=config.eval.max_examples_per_client,
+    )
+    if armed is not None:
+        clients = armed.clients
+    plan = None if armed is None else armed.plan
+    factory = ClientFactory.over(config, local, model_dir, run_dir.personal_root, shares, plan)
 
     def client_for(member: Member) -> tuple[ClientData, ParticipantSpec]:
         return clients[member.index], spec_for(spec, profiles[member.client_id])
@@ -171,7 +187,8 @@ def setup(
         dp_randomness=resolved.dp_randomness,
         notify=notify,
     )
-    return Setup(config, clients, model_dir, local, engine, run_dir, states, transport, clock)
+    monitor = None if armed is None else armed.monitor
+    return Setup(config, clients, model_dir, local, engine, run_dir, states, transport, clock, monitor)
 
 
 def simulate(
@@ -216,6 +233,8 @@ def run_setup(s: Setup, observer: Observer, started: float) -> RunResult:
     for result in s.engine.run():
         if s.clock is not None:
             result = replace(result, timing=s.clock.timing(result.round_num))
+        if s.attack is not None:
+            result = s.attack.observe(result, s.local, s.engine.global_flat)
         results.append(result)
         s.run_dir.append(result)
         observer.round_finished(result)

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fedtune.attack import AttackPlan, PoisonedTrainer
 from fedtune.config import Config
 from fedtune.data import ClientData
 from fedtune.local import load_model, make_personal_trainer, make_trainer
@@ -35,7 +36,8 @@ from fedtune.train.local import LocalModel, LocalTrainer, Trainer
 
 @dataclass
 class ClientFactory:
-    """Participants over one loaded model (`round.worker.ParticipantFactory`)."""
+    """Participants over one loaded model (`round.worker.ParticipantFactory`); an attacker's (`[attack]`)
+    trains with the honest trainer wrapped in its poisoning."""
 
     local: LocalModel
     trainer: Trainer
@@ -43,6 +45,8 @@ class ClientFactory:
     model_dir: Path
     personal_root: Path  # personal adapters are saved here, one folder per client
     noise_rng: np.random.Generator | None  # distributed DP's shares (None: no distributed DP)
+    attack: AttackPlan | None = None
+    poisoned: PoisonedTrainer | None = None  # the attackers' trainer (one: it keeps the colluders' pool)
 
     @classmethod
     def over(
@@ -52,9 +56,11 @@ class ClientFactory:
         model_dir: Path,
         personal_root: Path,
         noise_rng: np.random.Generator | None,
+        attack: AttackPlan | None = None,
     ) -> ClientFactory:
         trainer, personal = make_trainer(config, local), make_personal_trainer(config, local)
-        return cls(local, trainer, personal, model_dir, personal_root, noise_rng)
+        poisoned = None if attack is None else PoisonedTrainer(trainer, attack)
+        return cls(local, trainer, personal, model_dir, personal_root, noise_rng, attack, poisoned)
 
     def keep_personal(self, client_id: str, flat: torch.Tensor) -> None:
         folder = client_dir(self.personal_root, client_id)
@@ -67,10 +73,13 @@ class ClientFactory:
         states: ClientStateStore,
         on_step: Callable[[float], None],
     ) -> Participant:
+        trainer = self.trainer
+        if self.poisoned is not None and self.poisoned.plan.attacks(data.client_id):
+            trainer = self.poisoned
         return Participant(
             data,
             self.local,
-            self.trainer,
+            trainer,
             states,
             spec,
             noise_rng=self.noise_rng,
@@ -89,12 +98,13 @@ class SimulationRecipe:
     personal_root: Path  # absolute: a worker may run elsewhere
     pad_id: int
     noise_shares: bool  # distributed DP: the worker draws its clients' shares from the OS
+    attack: AttackPlan | None = None
 
     def build(self) -> ClientFactory:
         model_dir = resolve_model_dir(self.config.model.name)
         local = load_model(self.config, model_dir, self.pad_id)
         rng = os_entropy_rng() if self.noise_shares else None
-        return ClientFactory.over(self.config, local, model_dir, self.personal_root, rng)
+        return ClientFactory.over(self.config, local, model_dir, self.personal_root, rng, self.attack)
 
 
 @dataclass(frozen=True)
@@ -109,7 +119,9 @@ class Inherited:
     def build(self) -> ClientFactory:
         parent = self.factory
         rng = None if parent.noise_rng is None else os_entropy_rng()
-        return ClientFactory.over(self.config, parent.local, parent.model_dir, parent.personal_root, rng)
+        return ClientFactory.over(
+            self.config, parent.local, parent.model_dir, parent.personal_root, rng, parent.attack
+        )
 
 
 def executor_for(
@@ -129,7 +141,11 @@ def executor_for(
     kind = "worker processes" if sim.backend == "processes" else "Ray actors"
     notify(f"{workers} {kind} of {threads} torch thread{'s' if threads > 1 else ''} each train the clients")
     recipe = SimulationRecipe(
-        config, factory.personal_root.resolve(), factory.local.pad_id, factory.noise_rng is not None
+        config,
+        factory.personal_root.resolve(),
+        factory.local.pad_id,
+        factory.noise_rng is not None,
+        factory.attack,
     )
     if sim.backend == "processes":
         from fedtune.round.processes import ProcessWorkers

@@ -1,0 +1,88 @@
+"""A simulation's attackers: who they are, the poisoned data they train on, and what the attack did.
+
+`arm` resolves `[attack]` against the loaded clients: the `AttackPlan` (the factory wraps each attacker's
+trainer with it), the attackers' poisoned training data for a backdoor, and an `AttackMonitor` that adds
+`AttackMetrics` to each round's result: attackers in the aggregate, the honest evaluation clients'
+token-weighted loss, and on evaluated rounds the backdoor's success rate on held-out trigger prompts
+(probed on this process's model, with the new global adapter loaded).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+import torch
+
+from fedtune.attack import AttackPlan, Backdoor, Probes, make_probes, plan_attack, poison_client, success_rate
+from fedtune.attack.settings import AttackConfig
+from fedtune.data import ClientData
+from fedtune.round.results import AttackMetrics, RoundResult
+from fedtune.seeding import numpy_rng
+from fedtune.train.local import LocalModel
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+
+@dataclass
+class AttackMonitor:
+    plan: AttackPlan
+    eval_tokens: dict[str, int]  # each honest client's held-out tokens in an evaluation
+    probes: Probes | None  # backdoor only
+
+    def observe(self, result: RoundResult, local: LocalModel, global_flat: torch.Tensor) -> RoundResult:
+        ids = result.client_ids
+        aggregated = None if ids is None else sum(self.plan.attacks(cid) for cid in ids)
+        honest_loss, success = None, None
+        if result.eval is not None:
+            losses = {c: loss for c, loss in result.eval.per_client_loss.items() if c in self.eval_tokens}
+            tokens = sum(self.eval_tokens[c] for c in losses)
+            if tokens:
+                honest_loss = sum(loss * self.eval_tokens[c] for c, loss in losses.items()) / tokens
+            if self.probes is not None:
+                local.adapter.load(global_flat)
+                success = success_rate(local.model, self.probes, local.pad_id)
+        return replace(result, attack=AttackMetrics(aggregated, honest_loss, success))
+
+
+@dataclass(frozen=True)
+class Armed:
+    clients: list[ClientData]  # the attackers' training data poisoned for a backdoor
+    plan: AttackPlan
+    monitor: AttackMonitor
+
+
+def _ids(tokenizer: PreTrainedTokenizerBase, text: str) -> tuple[int, ...]:
+    return tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def arm(
+    cfg: AttackConfig,
+    clients: Sequence[ClientData],
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    seed: int,
+    cohort: int,
+    weight_cap: int | None,
+    max_seq_len: int,
+    eval_examples: int,
+) -> Armed | None:
+    """The run's attack over its loaded clients, or None without one."""
+    plan = plan_attack(cfg, clients, seed=seed, cohort=cohort, weight_cap=weight_cap)
+    if plan is None:
+        return None
+    honest = [c for c in clients if not plan.attacks(c.client_id)]
+    eval_tokens = {c.client_id: sum(len(ex) - 1 for ex in c.eval[:eval_examples]) for c in honest}
+    probes = None
+    if plan.kind == "backdoor":
+        backdoor = Backdoor(_ids(tokenizer, cfg.trigger), _ids(tokenizer, cfg.target), tokenizer.eos_token_id)
+        rng = numpy_rng(seed, "attack-backdoor")
+        fraction = cfg.poison_fraction
+        clients = [
+            poison_client(c, backdoor, fraction, max_seq_len, rng) if plan.attacks(c.client_id) else c
+            for c in clients
+        ]
+        probes = make_probes(honest, backdoor, cfg.probes, numpy_rng(seed, "attack-probes"))
+    return Armed(list(clients), plan, AttackMonitor(plan, eval_tokens, probes))
