@@ -9,18 +9,20 @@ trimmed mean, a user's own rule). `RunningSum` and `UpdateStack` build them one 
 FedAvg round holds O(adapter) whatever the number of clients. With a product-space `merge`
 (`server.lora_aggregation = "svd"`, `lora_merge.SvdMerge`) the stack goes to the merge instead of the rule
 and optimizer: it re-factors the mean of the clients' B_i A_i, and its truncation residual comes back in
-the round's `Aggregated`.
+the round's `Aggregated`. FLTrust's rule also takes the server's own update on its root data: the
+aggregator asks its `reference` for it from the global adapter at aggregate time.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Protocol
 
 import torch
 
-from fedtune.aggregate import rules
+from fedtune.aggregate import robust, rules
 from fedtune.aggregate.lora_merge import Merged, RankWeightedMean, SvdMerge
 from fedtune.aggregate.server_opt import ServerOptimizer, make_server_optimizer
 from fedtune.aggregate.settings import ServerConfig
@@ -31,6 +33,14 @@ class AggregationRule(Protocol):
     """Deltas [clients, params] and weights [clients] in, one delta [params] out (see `rules`)."""
 
     def __call__(self, deltas: torch.Tensor, weights: torch.Tensor, /) -> torch.Tensor: ...
+
+
+class ReferencedRule(Protocol):
+    """A rule that also takes the server's own delta [params] (FLTrust's, `robust.fltrust`)."""
+
+    def __call__(
+        self, deltas: torch.Tensor, weights: torch.Tensor, /, *, reference: torch.Tensor
+    ) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True, eq=False)
@@ -116,18 +126,26 @@ class Contributors:
 
 @dataclass
 class Aggregator:
-    rule: AggregationRule
+    rule: AggregationRule | ReferencedRule  # a ReferencedRule exactly when `reference` is set
     server_opt: ServerOptimizer
     merge: SvdMerge | None = None  # product-space aggregation: replaces rule and optimizer when set
     by_rank: RankWeightedMean | None = None  # hetlora: each coordinate's mean over the clients training it
+    # fltrust: the server's own delta (on its root data) from the current global adapter's flat vector
+    reference: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     @property
     def linear(self) -> bool:
         """The rule is FedAvg's weighted mean: it runs on sums (streaming, secure aggregation, DP)."""
         return self.rule is rules.weighted_mean and self.merge is None
 
-    def delta(self, updates: SummedUpdates | StackedUpdates, scale: float = 1.0) -> torch.Tensor:
-        """The round's aggregated delta (float32) times `scale`, without applying it."""
+    def delta(
+        self,
+        updates: SummedUpdates | StackedUpdates,
+        scale: float = 1.0,
+        reference: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The round's aggregated delta (float32) times `scale`, without applying it. `reference`: the
+        server's own delta, for an aggregator with a `reference` (`aggregate` asks it for one)."""
         if isinstance(updates, SummedUpdates):
             if not self.linear:
                 raise ValueError("a rule other than the weighted mean needs every update, not their sum")
@@ -137,7 +155,12 @@ class Aggregator:
             return (mean if scale == 1.0 else mean * scale).to(torch.float32)
         if updates.count == 0:
             raise ValueError("no client update reached the aggregator this round")
-        delta = self.rule(updates.deltas, updates.weights)
+        if self.reference is None:
+            delta = self.rule(updates.deltas, updates.weights)
+        elif reference is None:
+            raise ValueError("this rule compares the updates with the server's own delta: pass reference=")
+        else:
+            delta = self.rule(updates.deltas, updates.weights, reference=reference)
         return (delta if scale == 1.0 else delta * scale).to(torch.float32)
 
     def aggregate(
@@ -165,7 +188,10 @@ class Aggregator:
             mean = self.by_rank.mean(updates.total, contributors.weights, contributors.ranks)
             delta = (mean if scale == 1.0 else mean * scale).to(torch.float32)
             return Merged(self.server_opt.step(global_flat, delta), None)
-        return Merged(self.server_opt.step(global_flat, self.delta(updates, scale)), None)
+        reference = None  # the server's own delta: trained only for a round with updates to compare
+        if self.reference is not None and isinstance(updates, StackedUpdates) and updates.count > 0:
+            reference = self.reference(global_flat)
+        return Merged(self.server_opt.step(global_flat, self.delta(updates, scale, reference)), None)
 
     def step(self, global_flat: torch.Tensor, updates: SummedUpdates | StackedUpdates) -> torch.Tensor:
         """The new global adapter (see `aggregate`)."""
@@ -178,9 +204,11 @@ def make_aggregator(
     layout: AdapterLayout | None = None,
     rule: AggregationRule | None = None,
     server_opt: ServerOptimizer | None = None,
+    reference: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Aggregator:
     """`[server]`'s rule and optimizer; a user's own `rule` or `server_opt` replaces the configured one.
-    `layout` (the adapter's) is what a product-space `lora_aggregation` reads."""
+    `layout` (the adapter's) is what a product-space `lora_aggregation` reads. `reference` (the server's
+    own delta on its root data, from the global adapter) is what `rule = "fltrust"` needs, and only it."""
     merge, by_rank = None, None
     if cfg.lora_aggregation in ("svd", "flexlora", "hetlora"):
         if layout is None:
@@ -189,11 +217,42 @@ def make_aggregator(
             by_rank = RankWeightedMean(layout)
         else:
             merge = SvdMerge(layout, lr=cfg.lr)
-    if rule is None:
-        if cfg.rule == "fedavg":
-            rule = rules.weighted_mean
-        elif cfg.rule == "median":
-            rule = rules.coordinate_median
-        else:
-            rule = partial(rules.trimmed_mean, trim_fraction=cfg.trim_fraction)
-    return Aggregator(rule, server_opt or make_server_optimizer(cfg), merge=merge, by_rank=by_rank)
+    chosen: AggregationRule | ReferencedRule
+    if rule is not None:
+        chosen = rule
+        if reference is not None:
+            raise ValueError("a reference delta is for server.rule = 'fltrust', not a user's own rule")
+    elif cfg.rule == "fltrust":
+        if reference is None:
+            raise ValueError(
+                "server.rule = 'fltrust' scores each update against the server's own update on its root "
+                "data: pass make_aggregator a reference, or choose another server.rule"
+            )
+        chosen = robust.fltrust
+    else:
+        if reference is not None:
+            raise ValueError(f"a reference delta is for server.rule = 'fltrust', not {cfg.rule!r}")
+        chosen = configured_rule(cfg)
+    opt = server_opt or make_server_optimizer(cfg)
+    return Aggregator(chosen, opt, merge=merge, by_rank=by_rank, reference=reference)
+
+
+def configured_rule(cfg: ServerConfig) -> AggregationRule:
+    """`server.rule` and its settings as a rule (every one but fltrust, which needs a reference)."""
+    table: dict[str, AggregationRule] = {
+        "fedavg": rules.weighted_mean,
+        "median": rules.coordinate_median,
+        "trimmed_mean": partial(rules.trimmed_mean, trim_fraction=cfg.trim_fraction),
+        "norm_bound": partial(
+            robust.norm_bound, bound=cfg.norm_bound, median_multiple=cfg.norm_bound_median_multiple
+        ),
+        "krum": partial(robust.krum, byzantine=cfg.byzantine),
+        "multi_krum": partial(robust.multi_krum, byzantine=cfg.byzantine, keep=cfg.multi_krum_keep),
+        "geometric_median": partial(robust.geometric_median, iterations=cfg.geometric_median_iterations),
+        "centered_clip": partial(
+            robust.centered_clip, tau=cfg.centered_clip_tau, iterations=cfg.centered_clip_iterations
+        ),
+    }
+    if cfg.rule not in table:
+        raise ValueError(f"server.rule = {cfg.rule!r} needs a reference delta; use make_aggregator")
+    return table[cfg.rule]

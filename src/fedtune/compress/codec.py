@@ -26,7 +26,17 @@ from fedtune.errors import ConfigError
 
 CompressionMethod = Literal["none", "quantize", "topk", "randomk"]
 FLOAT16_MAX = 65504.0
-_RULES_OVER_EACH_UPDATE = ("median", "trimmed_mean")
+# rules that compare the clients' updates coordinate by coordinate or by their distances: with top-k each
+# client sends its own coordinates, and they would compare zeros that were never sent (norm_bound and
+# fltrust judge each update on its own, by its norm or its direction against the server's)
+_RULES_OVER_EACH_UPDATE = (
+    "median",
+    "trimmed_mean",
+    "krum",
+    "multi_krum",
+    "geometric_median",
+    "centered_clip",
+)
 
 
 @dataclass(frozen=True)
@@ -183,9 +193,10 @@ def check_composable(
         )
     if method == "topk" and server_rule in _RULES_OVER_EACH_UPDATE:
         raise ConfigError(
-            f"server.rule = {server_rule!r} is coordinate-wise, and with compression.method = 'topk' each "
-            "client sends its own coordinates, so on most coordinates the rule sees zeros that were never "
-            "sent; use server.rule = 'fedavg', or compression.method = 'randomk' (the same coordinates "
+            f"server.rule = {server_rule!r} compares the clients' updates coordinate by coordinate or by "
+            "their distances, and with compression.method = 'topk' each client sends its own coordinates, "
+            "so on most coordinates the rule compares zeros that were never sent; use server.rule = "
+            "'fedavg', 'norm_bound' or 'fltrust', or compression.method = 'randomk' (the same coordinates "
             "for every client)"
         )
     if spec.rescale and privacy_mode == "central":

@@ -36,6 +36,7 @@ def check(
         population = len(config.deploy.clients)
         _check_deployment(config)
     _check_federation(config, population)
+    notes = _check_robust_rule(config, population)
     _check_client_ranks(config)
     _check_data(config)
     _check_lora_aggregation(config)
@@ -56,7 +57,7 @@ def check(
             "real: remove [attack] for fedtune server"
         )
     _check_deploy_lists(config)
-    return check_composable(
+    return notes + check_composable(
         CompressionSpec.from_config(config.compression),
         secure_aggregation=config.secure_aggregation.enabled,
         server_rule=config.server.rule,
@@ -95,6 +96,47 @@ def _check_federation(config: Config, population: int | None) -> None:
             f"data.partition = {config.data.partition!r} needs a number of clients; "
             "set federation.num_clients to an integer"
         )
+
+
+def _check_robust_rule(config: Config, population: int | None) -> list[str]:
+    """Krum needs more updates per round than attackers it assumes; FLTrust rescales every update to its
+    reference's norm. (Secure aggregation, DP and SCAFFOLD refuse any rule but fedavg, in their checks.)"""
+    server = config.server
+    if server.rule == "fltrust" and server.step_normalization != "none":
+        raise ConfigError(
+            f"server.rule = 'fltrust' rescales every update to the norm of the server's own update, so "
+            f"server.step_normalization = {server.step_normalization!r} (per-step deltas, the mean scaled "
+            "back by steps) would scale the result by the clients' mean steps; set it to 'none' with fltrust "
+            "(the rescaling already stops a client that took more steps from pulling harder)"
+        )
+    if server.rule not in ("krum", "multi_krum"):
+        return []
+    cohort = cohort_bound(config, population)
+    if cohort is None:
+        return []
+    f = server.byzantine
+    size = "federation.clients_per_round"
+    if config.federation.fraction_per_round is not None:
+        size = "federation.fraction_per_round"
+    if cohort - f - 2 < 1:
+        lower = f" or lower server.byzantine to {cohort - 3}" if cohort >= 3 else ""
+        raise ConfigError(
+            f"server.rule = {server.rule!r} scores each update by its n - f - 2 nearest others, which needs "
+            f"n >= f + 3 updates a round: {size} gives n = {cohort} and server.byzantine = f = {f}; raise "
+            f"federation.clients_per_round to at least {f + 3}{lower}"
+        )
+    keep = server.multi_krum_keep
+    if server.rule == "multi_krum" and keep is not None and keep > cohort:
+        raise ConfigError(
+            f"server.multi_krum_keep = {keep} exceeds the {cohort} updates a round aggregates ({size}); "
+            "lower it, or leave it out for n - server.byzantine"
+        )
+    if cohort <= 2 * f + 2:
+        return [
+            f"server.rule = {server.rule!r} with {cohort} updates a round and server.byzantine = {f}: Krum's "
+            "guarantee needs more than 2f + 2 updates (Blanchard et al. 2017); it still runs"
+        ]
+    return []
 
 
 def _check_lora_aggregation(config: Config) -> None:
@@ -223,6 +265,12 @@ def _check_privacy(config: Config, population: int | None) -> None:
         raise ConfigError(
             f"privacy.mode = {p.mode!r} needs privacy.noise_multiplier or privacy.target_epsilon (or both)"
         )
+    if config.server.rule == "norm_bound":
+        raise ConfigError(
+            f"privacy.mode = {p.mode!r} already clips every update to privacy.clip_l2_norm before its noised "
+            "sum, and server.rule = 'norm_bound' would clip again to a bound (the round's median norm, by "
+            "default) the accountant does not know; use server.rule = 'fedavg'"
+        )
     if config.server.rule != "fedavg":
         raise ConfigError(
             f"privacy.mode = {p.mode!r} bounds one client's effect on the SUM of deltas, and "
@@ -341,8 +389,8 @@ def _check_control_variates(config: Config) -> None:
     if rule != "fedavg":
         raise ConfigError(
             f"server.control_variates = {cv!r} with server.rule = {rule!r}: the server control moves by the "
-            "weighted mean of the clients' control deltas, and a robust rule has no mean to pair it with; "
-            "use server.rule = 'fedavg' or server.control_variates = 'none'"
+            "weighted mean of all the clients' control deltas, and a robust rule does not move the adapter "
+            "by that mean of their deltas; use server.rule = 'fedavg' or server.control_variates = 'none'"
         )
     if config.privacy.mode != "off":
         raise ConfigError(
