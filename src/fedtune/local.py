@@ -1,23 +1,30 @@
 """What every process that trains builds from the config: the one model with LoRA, and its trainer.
 
 The simulation builds it once for all its virtual clients; a deployed site builds it once for itself.
-Both then wrap it in the round engine's `Participant`, so a client trains the same way in either.
+Both then wrap it in the round engine's `Participant`, so a client trains the same way in either. With
+`server.rule = "fltrust"` the server trains too: `RootUpdate` is its own update on its trusted root data,
+the reference FLTrust scores the clients' updates against.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import hashlib
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from fedtune.config import Config
+from fedtune.config.plan import local_work
+from fedtune.data import ClientData, load_site
 from fedtune.model.adapter import FlatAdapter, attach_lora
 from fedtune.model.base import load_base_model, load_tokenizer, resolve_model_dir
 from fedtune.privacy.noise import os_entropy_generator
-from fedtune.seeding import torch_generator
+from fedtune.round.plan import LocalWork
+from fedtune.seeding import derive_seed, numpy_rng, torch_generator
 from fedtune.train.local import LocalModel, LocalTrainer, Trainer
 
 
@@ -81,3 +88,53 @@ def torch_threads(threads: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+ROOT_CLIENT = "server-root"
+
+
+def root_data(config: Config, tokenizer: Any, clients: Sequence[ClientData] | None = None) -> ClientData:
+    """FLTrust's root data: `server.root_examples` examples drawn (seeded) from the simulated clients'
+    clean training examples (`server.root_data = "sample"`, the FLTrust paper's setting), or from the
+    file `server.root_data`, loaded as a site loads its own."""
+    server, seed = config.server, config.run.seed
+    if server.root_data == "sample":
+        if clients is None:
+            raise ValueError("server.root_data = 'sample' draws from the simulated clients' data")
+        pool = [ex for c in clients for ex in c.train]
+        rng = numpy_rng(seed, "fltrust-root-data")
+        chosen = rng.choice(len(pool), size=min(server.root_examples, len(pool)), replace=False)
+        return ClientData(ROOT_CLIENT, train=[pool[i] for i in chosen.tolist()], eval=[])
+    site = load_site(Path(server.root_data), config.data, ROOT_CLIENT, tokenizer, seed)
+    return ClientData(ROOT_CLIENT, train=[*site.train, *site.eval][: server.root_examples], eval=[])
+
+
+@dataclass
+class RootUpdate:
+    """The server's own delta from the global adapter on its root data: plain local AdamW steps, the
+    clients' local work. Its seed is named by the adapter it starts from, so a resumed run repeats it.
+    `mask`: under split personalization the clients send A's deltas only, so the reference is A's too."""
+
+    trainer: LocalTrainer
+    root: ClientData
+    work: LocalWork
+    seed: int
+    mask: torch.Tensor | None = None
+
+    @classmethod
+    def over(cls, config: Config, local: LocalModel, root: ClientData) -> RootUpdate:
+        mask = local.adapter.layout.a_mask if config.personalize.method == "split" else None
+        trainer = LocalTrainer(local.model, local.adapter, config.train, local.pad_id)
+        return cls(trainer, root, local_work(config), config.run.seed, mask)
+
+    def __call__(self, global_flat: torch.Tensor) -> torch.Tensor:
+        digest = hashlib.blake2b(global_flat.numpy().tobytes(), digest_size=8).digest()
+        update = self.trainer.train(
+            global_flat,
+            self.root,
+            seed=derive_seed(self.seed, "fltrust-root", int.from_bytes(digest, "big") >> 1),
+            steps=self.work.steps,
+            epochs=self.work.epochs,
+        )
+        delta = torch.zeros_like(global_flat) if update.delta is None else update.delta
+        return delta if self.mask is None else delta * self.mask

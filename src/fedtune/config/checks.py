@@ -15,6 +15,7 @@ from typing import Literal
 
 from fedtune.compress import CompressionSpec, check_composable
 from fedtune.config.schema import Config
+from fedtune.config.threats import check_threats
 from fedtune.data.settings import BUILTIN_SOURCES
 from fedtune.errors import ConfigError
 from fedtune.pki import CLIENT_ID_PATTERN
@@ -36,7 +37,7 @@ def check(
         population = len(config.deploy.clients)
         _check_deployment(config)
     _check_federation(config, population)
-    notes = _check_robust_rule(config, population)
+    notes = check_threats(config, mode, cohort_bound(config, population))
     _check_client_ranks(config)
     _check_data(config)
     _check_lora_aggregation(config)
@@ -51,11 +52,6 @@ def check(
     if config.personalize.method != "none":
         _check_personalize(config)
     _check_simulation(config, mode)
-    if mode == "deploy" and config.attack.active:
-        raise ConfigError(
-            f"attack.kind = {config.attack.kind!r} simulates attacking clients; a deployment's clients are "
-            "real: remove [attack] for fedtune server"
-        )
     _check_deploy_lists(config)
     return notes + check_composable(
         CompressionSpec.from_config(config.compression),
@@ -96,47 +92,6 @@ def _check_federation(config: Config, population: int | None) -> None:
             f"data.partition = {config.data.partition!r} needs a number of clients; "
             "set federation.num_clients to an integer"
         )
-
-
-def _check_robust_rule(config: Config, population: int | None) -> list[str]:
-    """Krum needs more updates per round than attackers it assumes; FLTrust rescales every update to its
-    reference's norm. (Secure aggregation, DP and SCAFFOLD refuse any rule but fedavg, in their checks.)"""
-    server = config.server
-    if server.rule == "fltrust" and server.step_normalization != "none":
-        raise ConfigError(
-            f"server.rule = 'fltrust' rescales every update to the norm of the server's own update, so "
-            f"server.step_normalization = {server.step_normalization!r} (per-step deltas, the mean scaled "
-            "back by steps) would scale the result by the clients' mean steps; set it to 'none' with fltrust "
-            "(the rescaling already stops a client that took more steps from pulling harder)"
-        )
-    if server.rule not in ("krum", "multi_krum"):
-        return []
-    cohort = cohort_bound(config, population)
-    if cohort is None:
-        return []
-    f = server.byzantine
-    size = "federation.clients_per_round"
-    if config.federation.fraction_per_round is not None:
-        size = "federation.fraction_per_round"
-    if cohort - f - 2 < 1:
-        lower = f" or lower server.byzantine to {cohort - 3}" if cohort >= 3 else ""
-        raise ConfigError(
-            f"server.rule = {server.rule!r} scores each update by its n - f - 2 nearest others, which needs "
-            f"n >= f + 3 updates a round: {size} gives n = {cohort} and server.byzantine = f = {f}; raise "
-            f"federation.clients_per_round to at least {f + 3}{lower}"
-        )
-    keep = server.multi_krum_keep
-    if server.rule == "multi_krum" and keep is not None and keep > cohort:
-        raise ConfigError(
-            f"server.multi_krum_keep = {keep} exceeds the {cohort} updates a round aggregates ({size}); "
-            "lower it, or leave it out for n - server.byzantine"
-        )
-    if cohort <= 2 * f + 2:
-        return [
-            f"server.rule = {server.rule!r} with {cohort} updates a round and server.byzantine = {f}: Krum's "
-            "guarantee needs more than 2f + 2 updates (Blanchard et al. 2017); it still runs"
-        ]
-    return []
 
 
 def _check_lora_aggregation(config: Config) -> None:

@@ -29,7 +29,7 @@ from fedtune.config import Config, check, load_config_text, to_toml
 from fedtune.config.plan import resolve
 from fedtune.deploy.resume import changes, resumed_config
 from fedtune.errors import Refusal, StateError
-from fedtune.local import load_model, tokenizer_for, torch_threads
+from fedtune.local import RootUpdate, load_model, root_data, tokenizer_for, torch_threads
 from fedtune.model.adapter import save_adapter
 from fedtune.round.engine import RoundEngine
 from fedtune.round.plan import DpRandomness
@@ -189,7 +189,12 @@ class _Server:
         run_dir = RunDir(config.run.resolved_dir)
         layout = local.adapter.layout
         self.layout_recorded = layout.describe()
-        aggregator = make_aggregator(config.server, layout=layout, rule=rule, server_opt=server_opt)
+        reference = None
+        if config.server.rule == "fltrust" and rule is None:
+            reference = RootUpdate.over(config, local, root_data(config, tokenizer))
+        aggregator = make_aggregator(
+            config.server, layout=layout, rule=rule, server_opt=server_opt, reference=reference
+        )
         global_flat, first, dpsgd_max, control = local.adapter.get(), 0, None, None
         if not resume:
             store.start_run(to_toml(config))

@@ -26,7 +26,7 @@ from fedtune.aggregate import AggregationRule, ServerOptimizer, make_aggregator
 from fedtune.config import Config
 from fedtune.config.plan import participant_spec, resolve
 from fedtune.data import ClientData, load_clients
-from fedtune.local import load_model, tokenizer_for, torch_threads
+from fedtune.local import RootUpdate, load_model, root_data, tokenizer_for, torch_threads
 from fedtune.model.adapter import save_adapter
 from fedtune.round.clock import SimulatedClock
 from fedtune.round.engine import RoundEngine
@@ -146,6 +146,9 @@ def setup(
         raise ValueError(  # workers draw their shares from the OS: the given generator would go unused
             "a given dp_randomness with privacy.mode = 'distributed' needs simulation.backend = 'serial'"
         )
+    reference = None
+    if config.server.rule == "fltrust" and rule is None:  # from the clients' clean data, before poisoning
+        reference = RootUpdate.over(config, local, root_data(config, tokenizer, clients))
     cap = config.data.max_examples_per_client
     armed = arm(
         config.attack,
@@ -181,7 +184,13 @@ def setup(
     engine = RoundEngine(
         resolved.plan,
         transport if clock is None else clock,
-        make_aggregator(config.server, layout=local.adapter.layout, rule=rule, server_opt=server_opt),
+        make_aggregator(
+            config.server,
+            layout=local.adapter.layout,
+            rule=rule,
+            server_opt=server_opt,
+            reference=reference,
+        ),
         local.adapter.get(),
         dp=resolved.dp,
         dp_randomness=resolved.dp_randomness,
