@@ -89,8 +89,9 @@ def test_attackers_are_a_seeded_fraction():
 
 
 def test_named_attackers_and_refusals():
-    assert choose_attackers(AttackConfig(kind="scale", clients=["c05", "c01"]), POPULATION, 0) == ("c01", "c05")
-    with pytest.raises(ConfigError, match="attack.clients names \\['zz'\\]"):
+    named = AttackConfig(kind="scale", clients=["c05", "c01"])
+    assert choose_attackers(named, POPULATION, 0) == ("c01", "c05")
+    with pytest.raises(ConfigError, match=r"attack.clients names \['zz'\]"):
         choose_attackers(AttackConfig(kind="scale", clients=["zz"]), POPULATION, 0)
     with pytest.raises(ConfigError, match="no attacker"):
         choose_attackers(AttackConfig(kind="scale", fraction=0.01), POPULATION, 0)
@@ -216,7 +217,7 @@ def test_poisoning_rewrites_a_share_of_the_training_examples():
     assert len(rewritten) == 5 and all(len(ex) <= 16 for ex in rewritten)
     assert all(ex[0] == 10 for ex in rewritten)  # a prefix of the example it replaced
     assert poisoned.eval == data.eval
-    with pytest.raises(ValueError, match="data.max_seq_len"):
+    with pytest.raises(ValueError, match=r"data\.max_seq_len"):
         poison_client(data, BACKDOOR, 0.5, max_len=6, rng=np.random.default_rng(0))
 
 
@@ -276,10 +277,11 @@ def metrics(run_dir) -> list[dict]:
 def test_a_backdoor_run_reports_its_metrics(tmp_path):
     from fedtune.simulation import simulate
 
+    attacker = "julius-caesar/LUCILIUS"
     config = load_config(
-        None, [*TINY, "attack.kind='backdoor'", "attack.clients=['julius-caesar/LUCILIUS']", f"run.dir='{tmp_path}'"]
+        None, [*TINY, "attack.kind='backdoor'", f"attack.clients=['{attacker}']", f"run.dir='{tmp_path}'"]
     )
-    attackers = {"julius-caesar/LUCILIUS"}
+    attackers = {attacker}
     result = simulate(config)
     rows = metrics(result.run_dir)
     assert all(0.0 <= r["backdoor_success"] <= 1.0 for r in rows)
@@ -305,7 +307,8 @@ def test_a_collusive_attack_is_the_same_in_worker_processes(tmp_path):
             ],
         )
         if backend != "serial":
-            config = config.model_copy(update={"simulation": config.simulation.model_copy(update={"workers": 2})})
+            pool = config.simulation.model_copy(update={"workers": 2})
+            config = config.model_copy(update={"simulation": pool})
         return [
             {k: v for k, v in row.items() if "seconds" not in k} for row in metrics(simulate(config).run_dir)
         ]

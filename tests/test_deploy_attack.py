@@ -57,7 +57,8 @@ def test_multi_krum_keeps_a_deployed_round_at_the_honest_mean(tmp_path: Path) ->
     seen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     def recording_multi_krum(deltas: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-            seen.append((deltas.clone(), weights.clone(), kept.clone()))
+        kept = multi_krum(deltas, weights, byzantine=1)
+        seen.append((deltas.clone(), weights.clone(), kept.clone()))
         return kept
 
     errors: list[BaseException] = []
