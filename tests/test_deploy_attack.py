@@ -12,7 +12,6 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-import pytest
 import torch
 
 from fedtune.aggregate import multi_krum
