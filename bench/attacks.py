@@ -1,0 +1,134 @@
+"""Attacks against defenses on the default model: the clean eval loss each attack costs, and a backdoor's
+success, for every attack x every `server.rule` at 10% and 20% attackers, plus no attack.
+
+The job: SmolLM2-135M with `make run`'s LoRA (r=8 on the attention projections), Shakespeare characters,
+20 clients, 5 per round, 12 rounds of 4 local AdamW steps (batch 4, 32 tokens: the CPU budget of a
+135-cell matrix), evaluated before and after; worker processes. Each cell is one `simulate` call and
+writes `bench/results/attacks/<fraction>-<attack>-<rule>.json` as soon as it ends, so an interrupted
+sweep resumes where it stopped (cells on disk are skipped). `--report` turns the cells into the tables
+of bench/RESULTS.md and a heat map (`bench/results/attacks-heatmap.png`).
+
+Clean loss change: the honest evaluation clients' token-weighted loss after the last round
+(`honest_eval_loss`) against the same clients' loss in the no-attack run with FedAvg, in percent.
+
+    .venv/bin/python bench/attacks.py [--fractions 0.2,0.1] [--attacks ...] [--rules ...] [--report]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path("bench/results/attacks")
+ATTACKS = ["none", "sign_flip", "scale", "gaussian", "alie", "min_max", "free_rider", "backdoor"]
+RULES = [
+    "fedavg",
+    "median",
+    "trimmed_mean",
+    "norm_bound",
+    "krum",
+    "multi_krum",
+    "geometric_median",
+    "centered_clip",
+    "fltrust",
+]
+JOB = [
+    "model.name=smollm2-135m",
+    "data.source=shakespeare",
+    "data.max_seq_len=32",
+    "train.batch_size=4",
+    "federation.num_clients=20",
+    "federation.clients_per_round=5",
+    "federation.rounds=12",
+    "federation.local_steps=4",
+    "eval.every=12",
+    "server.trim_fraction=0.2",  # one of five per side
+    "server.byzantine=1",
+    "simulation.backend='processes'",
+]
+
+
+def cell_name(fraction: float, attack: str, rule: str) -> str:
+    return f"{0 if attack == 'none' else int(round(fraction * 100))}-{attack}-{rule}"
+
+
+def run_cell(fraction: float, attack: str, rule: str) -> dict:
+    from fedtune.config import load_config
+    from fedtune.simulation import simulate
+
+    name = cell_name(fraction, attack, rule)
+    sets = [*JOB, f"server.rule='{rule}'", f"run.dir='bench/out/attacks/{name}'"]
+    if attack != "none":
+        sets += [f"attack.kind='{attack}'", f"attack.fraction={fraction}"]
+    config = load_config(None, sets)
+    load = os.getloadavg()[0]
+    started = time.perf_counter()
+    result = simulate(config)
+    seconds = time.perf_counter() - started
+    rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    last = rows[-1]
+    clients = json.loads((result.run_dir / "clients.json").read_text())
+    return {
+        "cell": name,
+        "fraction": 0.0 if attack == "none" else fraction,
+        "attack": attack,
+        "rule": rule,
+        "rounds": last["round"],
+        "eval_loss_before": rows[0]["eval_loss"],
+        "eval_loss": last["eval_loss"],
+        "honest_eval_loss": last.get("honest_eval_loss", last["eval_loss"]),
+        "backdoor_success_before": rows[0].get("backdoor_success"),
+        "backdoor_success": last.get("backdoor_success"),
+        "attackers_aggregated": sum(r.get("attackers_aggregated") or 0 for r in rows[1:]),
+        "per_client_after": clients,
+        "failed_rounds": sum(r["round_failed"] is not None for r in rows),
+        "seconds": seconds,
+        "load_before": load,
+        "load_after": os.getloadavg()[0],
+    }
+
+
+def sweep(fractions: list[float], attacks: list[str], rules: list[str]) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    cells = [(0.0, "none", r) for r in rules if "none" in attacks]
+    cells += [(f, a, r) for f in fractions for a in attacks if a != "none" for r in rules]
+    for fraction, attack, rule in cells:
+        path = RESULTS / f"{cell_name(fraction, attack, rule)}.json"
+        if path.exists():
+            continue
+        out = run_cell(fraction, attack, rule)
+        out["machine"] = f"{platform.machine()}, {len(os.sched_getaffinity(0))} cores, torch {torch.__version__}"
+        path.write_text(json.dumps(out, indent=1) + "\n")
+        print(
+            f"{out['cell']}: eval {out['eval_loss']:.4f} honest {out['honest_eval_loss']:.4f} "
+            f"backdoor {out['backdoor_success']} {out['seconds']:.0f}s load {out['load_before']:.1f}",
+            flush=True,
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--fractions", default="0.2,0.1")
+    parser.add_argument("--attacks", default=",".join(ATTACKS))
+    parser.add_argument("--rules", default=",".join(RULES))
+    parser.add_argument("--report", action="store_true")
+    args = parser.parse_args()
+    if args.report:
+        from bench.attacks_report import report
+
+        report(RESULTS)
+        return
+    torch.set_num_threads(1)
+    sweep([float(f) for f in args.fractions.split(",")], args.attacks.split(","), args.rules.split(","))
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    main()
