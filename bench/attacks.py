@@ -56,7 +56,7 @@ JOB = [
 
 
 def cell_name(fraction: float, attack: str, rule: str) -> str:
-    return f"{0 if attack == 'none' else int(round(fraction * 100))}-{attack}-{rule}"
+    return f"{0 if attack == 'none' else round(fraction * 100)}-{attack}-{rule}"
 
 
 def run_cell(fraction: float, attack: str, rule: str) -> dict:
@@ -75,6 +75,13 @@ def run_cell(fraction: float, attack: str, rule: str) -> dict:
     rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     last = rows[-1]
     clients = json.loads((result.run_dir / "clients.json").read_text())
+    attackers: tuple[str, ...] = ()
+    if attack != "none":
+        from fedtune.attack import choose_attackers
+
+        attackers = choose_attackers(
+            config.attack, [c.client_id for c in result_clients(config)], config.run.seed
+        )
     return {
         "cell": name,
         "fraction": 0.0 if attack == "none" else fraction,
@@ -86,6 +93,7 @@ def run_cell(fraction: float, attack: str, rule: str) -> dict:
         "honest_eval_loss": last.get("honest_eval_loss", last["eval_loss"]),
         "backdoor_success_before": rows[0].get("backdoor_success"),
         "backdoor_success": last.get("backdoor_success"),
+        "attackers": list(attackers),
         "attackers_aggregated": sum(r.get("attackers_aggregated") or 0 for r in rows[1:]),
         "per_client_after": clients,
         "failed_rounds": sum(r["round_failed"] is not None for r in rows),
@@ -93,6 +101,19 @@ def run_cell(fraction: float, attack: str, rule: str) -> dict:
         "load_before": load,
         "load_after": os.getloadavg()[0],
     }
+
+
+def result_clients(config):
+    """The run's population (the clients `simulate` loaded), without loading a model."""
+    from fedtune.data import load_clients
+    from fedtune.local import tokenizer_for
+    from fedtune.seeding import numpy_rng
+
+    _, tokenizer = tokenizer_for(config)
+    seed = config.data_seed
+    return load_clients(
+        config.data, config.federation.num_clients, tokenizer, numpy_rng(seed, "data"), seed=seed
+    )
 
 
 def sweep(fractions: list[float], attacks: list[str], rules: list[str]) -> None:
@@ -104,7 +125,9 @@ def sweep(fractions: list[float], attacks: list[str], rules: list[str]) -> None:
         if path.exists():
             continue
         out = run_cell(fraction, attack, rule)
-        out["machine"] = f"{platform.machine()}, {len(os.sched_getaffinity(0))} cores, torch {torch.__version__}"
+        out["machine"] = (
+            f"{platform.machine()}, {len(os.sched_getaffinity(0))} cores, torch {torch.__version__}"
+        )
         path.write_text(json.dumps(out, indent=1) + "\n")
         print(
             f"{out['cell']}: eval {out['eval_loss']:.4f} honest {out['honest_eval_loss']:.4f} "

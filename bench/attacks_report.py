@@ -1,0 +1,123 @@
+"""bench/attacks.py's cells as tables and a heat map: the clean eval-loss change each attack causes under
+each rule, against the no-attack FedAvg run, and the backdoor's success rate.
+
+The change is over the attack run's honest clients, each client's held-out loss after the last round,
+averaged over clients (the same clients in both runs), in percent of the no-attack run's.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from statistics import mean
+
+ATTACKS = ["sign_flip", "scale", "gaussian", "alie", "min_max", "free_rider", "backdoor"]
+RULES = [
+    "fedavg",
+    "median",
+    "trimmed_mean",
+    "norm_bound",
+    "krum",
+    "multi_krum",
+    "geometric_median",
+    "centered_clip",
+    "fltrust",
+]
+
+
+def load(results: Path) -> dict[str, dict]:
+    return {p.stem: json.loads(p.read_text()) for p in sorted(results.glob("*.json"))}
+
+
+def attackers(cell: dict) -> set[str]:
+    """The cell's attackers: recorded, or chosen again as the run chose them (seed 0; every client of the
+    population is evaluated, so `per_client_after` names the population)."""
+    if cell["attack"] == "none":
+        return set()
+    if "attackers" in cell:
+        return set(cell["attackers"])
+    from fedtune.attack import AttackConfig, choose_attackers
+
+    cfg = AttackConfig(kind=cell["attack"], fraction=cell["fraction"])
+    return set(choose_attackers(cfg, sorted(cell["per_client_after"]), 0))
+
+
+def change(cell: dict, clean: dict) -> float:
+    """Percent change of the honest clients' mean held-out loss against the no-attack run's."""
+    bad = attackers(cell)
+    honest = [c for c in cell["per_client_after"] if c not in bad]
+    ours = mean(cell["per_client_after"][c]["after"] for c in honest)
+    theirs = mean(clean["per_client_after"][c]["after"] for c in honest)
+    return 100.0 * (ours - theirs) / theirs
+
+
+def table(cells: dict[str, dict], fraction: int, clean: dict) -> list[str]:
+    lines = [
+        f"| {fraction}% attackers | " + " | ".join(RULES) + " |",
+        "| --- |" + " --- |" * len(RULES),
+    ]
+    for attack in ATTACKS:
+        row = []
+        for rule in RULES:
+            cell = cells.get(f"{fraction}-{attack}-{rule}")
+            if cell is None:
+                row.append("not run")
+                continue
+            text = f"{change(cell, clean):+.1f}%"
+            if attack == "backdoor" and cell["backdoor_success"] is not None:
+                text += f" / {100 * cell['backdoor_success']:.0f}%"
+            row.append(text)
+        lines.append(f"| {attack} | " + " | ".join(row) + " |")
+    return lines
+
+
+def clean_row(cells: dict[str, dict], clean: dict) -> list[str]:
+    row = []
+    for rule in RULES:
+        cell = cells.get(f"0-none-{rule}")
+        row.append("not run" if cell is None else f"{change(cell, clean):+.1f}%")
+    return ["| no attack | " + " | ".join(row) + " |"]
+
+
+def heatmap(cells: dict[str, dict], clean: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fractions = sorted({int(c["cell"].split("-")[0]) for c in cells.values()} - {0})
+    fig, axes = plt.subplots(1, len(fractions), figsize=(6.5 * len(fractions), 4.6), squeeze=False)
+    for ax, fraction in zip(axes[0], fractions, strict=True):
+        grid = np.full((len(ATTACKS), len(RULES)), math.nan)
+        for i, attack in enumerate(ATTACKS):
+            for j, rule in enumerate(RULES):
+                cell = cells.get(f"{fraction}-{attack}-{rule}")
+                if cell is not None:
+                    grid[i, j] = change(cell, clean)
+        image = ax.imshow(np.clip(grid, -5, 50), cmap="Reds", vmin=-5, vmax=50, aspect="auto")
+        for i in range(len(ATTACKS)):
+            for j in range(len(RULES)):
+                if not math.isnan(grid[i, j]):
+                    ax.text(j, i, f"{grid[i, j]:.0f}", ha="center", va="center", fontsize=7)
+        ax.set_xticks(range(len(RULES)), RULES, rotation=45, ha="right", fontsize=8)
+        ax.set_yticks(range(len(ATTACKS)), ATTACKS, fontsize=8)
+        ax.set_title(f"{fraction}% attackers: clean loss change, % (clipped to 50)", fontsize=9)
+        fig.colorbar(image, ax=ax, shrink=0.8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+
+
+def report(results: Path) -> None:
+    cells = load(results)
+    clean = cells.get("0-none-fedavg")
+    if clean is None:
+        raise SystemExit("run the no-attack FedAvg cell first: it is what every change is against")
+    print(f"no-attack FedAvg: eval loss {clean['eval_loss_before']:.4f} -> {clean['eval_loss']:.4f}\n")
+    print("\n".join(clean_row(cells, clean)))
+    for fraction in sorted({int(c["cell"].split("-")[0]) for c in cells.values()} - {0}):
+        print()
+        print("\n".join(table(cells, fraction, clean)))
+    heatmap(cells, clean, results.parent / "attacks-heatmap.png")
+    print(f"\nheat map: {results.parent / 'attacks-heatmap.png'}")
