@@ -12,7 +12,7 @@ from fedtune.section import Section
 class ServerConfig(Section):
     """Aggregation rule and server optimizer, composed: the rule makes one delta, the optimizer applies it."""
 
-    rule: Literal["fedavg", "median", "trimmed_mean"] = "fedavg"
+    rule: Literal["fedavg", "median", "trimmed_mean", "balance"] = "fedavg"
     # separate: average LoRA's A and B factors each; ffa (FFA-LoRA, Sun et al. 2024): A stays at its shared
     # seeded init and only B trains and travels, so the mean of B_i A is exactly (mean B_i) A; svd: the
     # weighted mean of the clients' B_i A_i per module, re-factored to the rank by truncated SVD; clients of
@@ -33,3 +33,9 @@ class ServerConfig(Section):
     beta1: float = Field(0.9, ge=0.0, lt=1.0)
     beta2: float = Field(0.99, ge=0.0, lt=1.0)
     eps: float = Field(1e-3, gt=0.0)  # adaptivity tau of FedAdam/FedYogi (Reddi et al. 2021)
+    # balance (Fang et al., CCS 2024; federation.topology = "decentralized" only): client i accepts a
+    # neighbour's adapter w_j when ||w_i - w_j|| <= gamma * exp(-kappa * t / T) * ||w_i|| in round t of T,
+    # then keeps alpha * w_i + (1 - alpha) * mean(accepted)
+    balance_gamma: float = Field(0.3, gt=0.0)
+    balance_kappa: float = Field(1.0, ge=0.0)
+    balance_alpha: float = Field(0.5, ge=0.0, le=1.0)
