@@ -314,3 +314,28 @@ def test_a_collusive_attack_is_the_same_in_worker_processes(tmp_path):
         ]
 
     assert run("serial") == run("processes")
+
+
+def test_attackers_in_a_decentralized_federation(tmp_path):
+    """The same wrapped trainers in a federation without a server: the honest clients' own losses and
+    the backdoor's success on their own adapters are in each evaluated row."""
+    from fedtune.decentral.run import run_decentralized
+
+    config = load_config(
+        None,
+        [
+            *TINY,
+            "federation.topology='decentralized'",
+            "server.rule='balance'",
+            "server.balance_gamma=2.0",
+            "attack.kind='backdoor'",
+            "attack.fraction=0.34",
+            f"run.dir='{tmp_path}'",
+        ],
+    )
+    rows = metrics(run_decentralized(config).run_dir)
+    for row in rows:
+        assert 0.0 <= row["backdoor_success"] <= 1.0
+        assert row["honest_eval_loss"] is not None
+        honest = [v for c, v in row["eval_loss_per_client"].items() if c]
+        assert min(honest) <= row["honest_eval_loss"] <= max(honest)

@@ -14,6 +14,7 @@ from rich.markup import escape
 from fedtune.errors import FedtuneError
 
 if TYPE_CHECKING:
+    from fedtune.config import Config
     from fedtune.transport.handshake_log import HandshakeLogTap
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
@@ -49,6 +50,9 @@ def run(config: ConfigArg = None, set_: SetOption = None) -> None:
 
     cfg = load_config(config, set_ or [])  # a bad config stops here, before torch's libraries load
     _quiet_libraries()
+    if cfg.federation.topology == "decentralized":
+        _run_decentralized(cfg)
+        return
     from fedtune.progress import RichObserver
     from fedtune.simulation import simulate
 
@@ -67,6 +71,22 @@ def run(config: ConfigArg = None, set_: SetOption = None) -> None:
             f"({own:+.1f}% against the base), in {result.run_dir / 'personal'}"
         )
     console.print(f"adapter: {result.run_dir / 'adapter'}   report: {result.run_dir / 'report.md'}")
+
+
+def _run_decentralized(cfg: Config) -> None:
+    from fedtune.decentral import run_decentralized
+    from fedtune.decentral.results import round_line
+    from fedtune.progress import RichObserver
+
+    rounds = cfg.federation.rounds
+    with RichObserver(console) as observer:
+        result = run_decentralized(
+            cfg,
+            observer,
+            notify=lambda msg: console.print(f"[dim]{escape(msg)}[/dim]"),
+            on_round=lambda r: console.print(round_line(r, rounds), highlight=False, markup=False),
+        )
+    console.print("\n".join(result.lines()), highlight=False, markup=False)
 
 
 @app.command("compare")

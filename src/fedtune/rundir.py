@@ -1,4 +1,5 @@
-"""The run directory: resolved config, metrics.jsonl, per-client evaluation, adapter, report.
+"""The run directory: resolved config, metrics.jsonl, per-client evaluation, adapter, report (and a
+decentralized run's graph.json).
 
 All file writes of a run go through here, in simulation and deployment alike. Typed round results become
 JSON rows here (`RoundResult.to_row`); `metrics.jsonl` is appended and flushed one round at a time, so a
@@ -78,6 +79,7 @@ class RunDir:
         self.adapter_dir = path / "adapter"
         self.personal_root = path / "personal"
         self.clients_file = path / "clients.json"
+        self.graph_file = path / "graph.json"  # a decentralized run's neighbour lists
 
     def create(self, config: Config) -> None:
         """Start a fresh run directory (an earlier run's metrics are replaced)."""
@@ -85,6 +87,7 @@ class RunDir:
         (self.path / "config.toml").write_text(to_toml(config))
         self.metrics_file.write_text("")
         shutil.rmtree(self.personal_root, ignore_errors=True)  # an earlier run's personal adapters
+        self.graph_file.unlink(missing_ok=True)  # an earlier decentralized run's graph
 
     def append(self, result: RoundResult) -> None:
         self.append_row(result.to_row())
@@ -100,6 +103,10 @@ class RunDir:
         self.metrics_file.write_text("")
         for row in rows:
             self.append_row(row)
+
+    def write_graph(self, neighbours: dict[str, list[str]]) -> None:
+        """A decentralized run's communication graph: each client's neighbours, by client id."""
+        self.graph_file.write_text(json.dumps(neighbours, indent=1))
 
     def read_metrics(self) -> list[dict[str, Any]]:
         lines = self.metrics_file.read_text().splitlines()

@@ -254,5 +254,8 @@ def configured_rule(cfg: ServerConfig) -> AggregationRule:
         ),
     }
     if cfg.rule not in table:
-        raise ValueError(f"server.rule = {cfg.rule!r} needs a reference delta; use make_aggregator")
+        raise ValueError(
+            f"server.rule = {cfg.rule!r} is not a rule over one round's updates alone (fltrust needs a "
+            "reference: use make_aggregator; balance runs in fedtune.decentral)"
+        )
     return table[cfg.rule]

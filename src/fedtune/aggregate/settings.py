@@ -14,7 +14,8 @@ class ServerConfig(Section):
 
     # fedavg: the weighted mean; the rest need every update (no secure aggregation, DP or SCAFFOLD):
     # median, trimmed_mean (coordinate-wise), norm_bound, krum, multi_krum, geometric_median, centered_clip,
-    # fltrust (robust to poisoned updates; see aggregate/robust.py)
+    # fltrust (robust to poisoned updates; see aggregate/robust.py); balance: a decentralized topology's
+    # BALANCE (decentral/balance.py)
     rule: Literal[
         "fedavg",
         "median",
@@ -25,6 +26,7 @@ class ServerConfig(Section):
         "geometric_median",
         "centered_clip",
         "fltrust",
+        "balance",
     ] = "fedavg"
     # separate: average LoRA's A and B factors each; ffa (FFA-LoRA, Sun et al. 2024): A stays at its shared
     # seeded init and only B trains and travels, so the mean of B_i A is exactly (mean B_i) A; svd: the
@@ -57,3 +59,9 @@ class ServerConfig(Section):
     beta1: float = Field(0.9, ge=0.0, lt=1.0)
     beta2: float = Field(0.99, ge=0.0, lt=1.0)
     eps: float = Field(1e-3, gt=0.0)  # adaptivity tau of FedAdam/FedYogi (Reddi et al. 2021)
+    # balance (Fang et al., CCS 2024; federation.topology = "decentralized" only): client i accepts a
+    # neighbour's adapter w_j when ||w_i - w_j|| <= gamma * exp(-kappa * t / T) * ||w_i|| in round t of T,
+    # then keeps alpha * w_i + (1 - alpha) * mean(accepted)
+    balance_gamma: float = Field(0.3, gt=0.0)
+    balance_kappa: float = Field(1.0, ge=0.0)
+    balance_alpha: float = Field(0.5, ge=0.0, le=1.0)

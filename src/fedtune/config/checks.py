@@ -16,6 +16,7 @@ from typing import Literal
 from fedtune.compress import CompressionSpec, check_composable
 from fedtune.config.schema import Config
 from fedtune.config.threats import check_threats
+from fedtune.config.topology import check_topology
 from fedtune.data.settings import BUILTIN_SOURCES
 from fedtune.errors import ConfigError
 from fedtune.pki import CLIENT_ID_PATTERN
@@ -53,6 +54,7 @@ def check(
         _check_personalize(config)
     _check_simulation(config, mode)
     _check_deploy_lists(config)
+    notes += check_topology(config, mode, population)
     return notes + check_composable(
         CompressionSpec.from_config(config.compression),
         secure_aggregation=config.secure_aggregation.enabled,
@@ -76,7 +78,8 @@ def is_folder(source: str) -> bool:
 
 def _check_federation(config: Config, population: int | None) -> None:
     fed = config.federation
-    if isinstance(fed.num_clients, int) and fed.clients_per_round > fed.num_clients:
+    star = fed.topology == "star"  # a decentralized federation trains every client: no cohort
+    if star and isinstance(fed.num_clients, int) and fed.clients_per_round > fed.num_clients:
         raise ConfigError(
             f"federation.clients_per_round = {fed.clients_per_round} exceeds "
             f"federation.num_clients = {fed.num_clients}; lower it or raise num_clients"

@@ -12,7 +12,8 @@ from fedtune.section import PositiveInt, Section
 
 
 class FederationConfig(Section):
-    """The rounds: how many, which clients, how much local work, how few updates a round accepts."""
+    """The rounds: how many, which clients, how much local work, how few updates a round accepts, and who
+    aggregates (a server, or each client with its neighbours)."""
 
     rounds: PositiveInt = 6
     num_clients: PositiveInt | Literal["all"] = 16  # population size, sampled from the eligible clients
@@ -23,6 +24,14 @@ class FederationConfig(Section):
     min_clients: PositiveInt = 1  # a round with fewer updates fails and leaves the adapter as it was
     # simulation: replies the simulated clock (`round.clock`) finishes later than this are stragglers
     round_deadline_s: float | None = Field(None, gt=0.0)
+    # star: a server aggregates each round's cohort into one global adapter; decentralized: every client
+    # keeps its own adapter, trains it every round and mixes it with its neighbours' (`fedtune.decentral`)
+    topology: Literal["star", "decentralized"] = "star"
+    # decentralized: who talks to whom, drawn once from run.seed and connected (a random one is redrawn
+    # until it is, and refused when it keeps coming out disconnected)
+    graph: Literal["ring", "k_regular", "erdos_renyi"] = "ring"
+    graph_degree: PositiveInt = 4  # k_regular: every client's number of neighbours
+    graph_edge_probability: float = Field(0.3, gt=0.0, le=1.0)  # erdos_renyi: each pair's edge probability
 
 
 class EvalConfig(Section):

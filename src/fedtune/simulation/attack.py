@@ -9,7 +9,7 @@ token-weighted loss, and on evaluated rounds the backdoor's success rate on held
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -45,6 +45,29 @@ class AttackMonitor:
                 local.adapter.load(global_flat)
                 success = success_rate(local.model, self.probes, local.pad_id)
         return replace(result, attack=AttackMetrics(aggregated, honest_loss, success))
+
+    def peers(
+        self,
+        per_client_loss: Mapping[str, float] | None,
+        local: LocalModel,
+        adapters: Mapping[str, torch.Tensor],
+    ) -> AttackMetrics:
+        """A decentralized round (`per_client_loss` on evaluated rounds): there is no global adapter, so
+        the honest evaluation clients' own losses are averaged (unweighted, as `eval_loss_mean`) and the
+        backdoor is probed on each honest evaluation client's own adapter (`adapters`, by client id),
+        its success the mean over them."""
+        if per_client_loss is None:
+            return AttackMetrics(None, None, None)
+        honest = [c for c in per_client_loss if c in self.eval_tokens]
+        honest_loss = sum(per_client_loss[c] for c in honest) / len(honest) if honest else None
+        success = None
+        if self.probes is not None and honest:
+            rates = []
+            for cid in honest:
+                local.adapter.load(adapters[cid])
+                rates.append(success_rate(local.model, self.probes, local.pad_id))
+            success = sum(rates) / len(rates)
+        return AttackMetrics(None, honest_loss, success)
 
 
 @dataclass(frozen=True)

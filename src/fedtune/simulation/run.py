@@ -26,6 +26,7 @@ from fedtune.aggregate import AggregationRule, ServerOptimizer, make_aggregator
 from fedtune.config import Config
 from fedtune.config.plan import participant_spec, resolve
 from fedtune.data import ClientData, load_clients
+from fedtune.errors import ConfigError
 from fedtune.local import RootUpdate, load_model, root_data, tokenizer_for, torch_threads
 from fedtune.model.adapter import save_adapter
 from fedtune.round.clock import SimulatedClock
@@ -117,6 +118,12 @@ def setup(
     and build the engine over the executor `[simulation]` names; writes the run directory's config.toml.
     `watch(member, reply)` sees each client's replies (`fedtune compare` counts the steps each trains).
     A pool's workers run until `Setup.close`."""
+    if config.federation.topology != "star":
+        raise ConfigError(
+            "the simulation's round engine runs a star (a server and a global adapter); federation.topology "
+            "= 'decentralized' runs with fedtune.decentral.run_decentralized, which `fedtune run` picks, and "
+            "`fedtune compare` compares star federations only: set federation.topology = 'star' here"
+        )
     seed = config.run.seed
     model_dir, tokenizer = tokenizer_for(config, notify)
     data_seed = config.data_seed
