@@ -23,22 +23,16 @@ import platform
 import sys
 import time
 from pathlib import Path
+from typing import get_args
 
 import torch
 
+from fedtune.aggregate import ServerConfig
+from fedtune.attack.settings import AttackKind
+
 RESULTS = Path("bench/results/attacks")
-ATTACKS = ["none", "sign_flip", "scale", "gaussian", "alie", "min_max", "free_rider", "backdoor"]
-RULES = [
-    "fedavg",
-    "median",
-    "trimmed_mean",
-    "norm_bound",
-    "krum",
-    "multi_krum",
-    "geometric_median",
-    "centered_clip",
-    "fltrust",
-]
+ATTACKS = list(get_args(AttackKind))  # "none" first
+RULES = [r for r in get_args(ServerConfig.model_fields["rule"].annotation) if r != "balance"]
 JOB = [
     "model.name=smollm2-135m",
     "data.source=shakespeare",

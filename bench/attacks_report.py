@@ -12,18 +12,10 @@ import math
 from pathlib import Path
 from statistics import mean
 
-ATTACKS = ["sign_flip", "scale", "gaussian", "alie", "min_max", "free_rider", "backdoor"]
-RULES = [
-    "fedavg",
-    "median",
-    "trimmed_mean",
-    "norm_bound",
-    "krum",
-    "multi_krum",
-    "geometric_median",
-    "centered_clip",
-    "fltrust",
-]
+from bench.attacks import ATTACKS as KINDS
+from bench.attacks import RULES
+
+ATTACKS = [k for k in KINDS if k != "none"]
 
 
 def load(results: Path) -> dict[str, dict]:

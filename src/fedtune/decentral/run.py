@@ -145,17 +145,7 @@ def run_decentralized(
         run_dir.write_graph(by_client(graph, plan.population))
 
         states, spec = ClientStateStore(), participant_spec(config)
-        cap = config.data.max_examples_per_client
-        armed = arm(
-            config.attack,
-            clients,
-            tokenizer,
-            seed=config.run.seed,
-            cohort=len(clients),
-            weight_cap=None if cap == "all" else cap,
-            max_seq_len=config.data.max_seq_len,
-            eval_examples=config.eval.max_examples_per_client,
-        )
+        armed = arm(config, clients, tokenizer, cohort=len(clients))
         if armed is not None:
             clients = armed.clients
         attack = None if armed is None else armed.plan

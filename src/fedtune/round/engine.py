@@ -36,11 +36,12 @@ from typing import Any
 import torch
 
 from fedtune.aggregate import Aggregator, StackedUpdates, SummedUpdates
-from fedtune.errors import ConfigError, Refusal
-from fedtune.evaluate import ClientNll, combine, perplexity
+from fedtune.errors import ConfigError
+from fedtune.evaluate import combine, perplexity
 from fedtune.privacy.dpfedavg import ClientLevelDp, PrivacyMetrics
 from fedtune.round.collect import PlainCollection, train_loss
-from fedtune.round.messages import ClientReport, EvalReport, EvalRequest, TrainRequest, TrainTask
+from fedtune.round.evaluation import evaluate_on
+from fedtune.round.messages import ClientReport, TrainRequest, TrainTask
 from fedtune.round.personal import expand
 from fedtune.round.plan import DpRandomness, Member, RunPlan
 from fedtune.round.ranks import contributors, rank_coordinates, step_scale
@@ -426,39 +427,18 @@ class RoundEngine:
         """The global adapter on the evaluation clients' held-out data (None if none answered), and the
         messages the transport refused meanwhile; with `personalize`, each client's personal adapter too."""
         start = self.clock()
-        plan = self.plan
-        members = [
-            Member(slot, index, plan.population[index]) for slot, index in enumerate(plan.eval_members)
-        ]
-        reports: dict[int, EvalReport] = {}
-
-        def deliver(slot: int, reply: object) -> bool:
-            if not isinstance(reply, EvalReport) or reply.client_id != members[slot].client_id:
-                raise Refusal("malformed", "an evaluation takes the evaluating client's own report")
-            if personalize and reply.personal_nll is None:
-                raise Refusal("malformed", "the run's last evaluation takes the personal adapter's loss too")
-            reports[slot] = reply
-            return True
-
-        messages = {m.slot: EvalRequest(round_num, self.global_flat, m, personalize) for m in members}
-        self.transport.open_round(round_num, Purpose.EVALUATE, members)
-        refused: dict[str, int] = {}
-        try:
-            done = self.transport.exchange(Exchange(Phase.EVALUATE, messages, deliver))
-        finally:
-            refused = dict(self.transport.close_round())
-        nll = [ClientNll(r.client_id, r.nll, r.tokens) for _, r in sorted(reports.items())]
-        if not any(r.tokens for r in nll):
+        evaluated = evaluate_on(
+            self.transport, self.plan, round_num, lambda _m: self.global_flat, personalize=personalize
+        )
+        if not evaluated.any_tokens:
             note = f"round {round_num}: no evaluation client answered; the round is not evaluated"
             self.notes.append(note)
             self.notify(note)
-            return None, refused
-        result = combine(nll)
+            return None, evaluated.refused
+        result = combine(evaluated.nll)
         personal = None
         if personalize:
-            own = combine(
-                [ClientNll(r.client_id, r.personal_nll or 0.0, r.tokens) for _, r in sorted(reports.items())]
-            )
+            own = combine(evaluated.personal_nll)
             personal = PersonalEval(own.loss, perplexity(own.loss), own.per_client_loss)
         summary = EvalSummary(
             loss=result.loss,
@@ -466,7 +446,7 @@ class RoundEngine:
             per_client_loss=result.per_client_loss,
             clients=len(result.per_client_loss),
             seconds=self.clock() - start,
-            bytes_down=sum(messages[slot].nbytes() for slot in done.received),
+            bytes_down=evaluated.bytes_down,
             personal=personal,
         )
-        return summary, refused
+        return summary, evaluated.refused

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from fedtune.attack import AttackPlan, Backdoor, Probes, make_probes, plan_attack, poison_client, success_rate
-from fedtune.attack.settings import AttackConfig
+from fedtune.config import Config
 from fedtune.data import ClientData
 from fedtune.round.results import AttackMetrics, RoundResult
 from fedtune.seeding import numpy_rng
@@ -82,17 +82,14 @@ def _ids(tokenizer: PreTrainedTokenizerBase, text: str) -> tuple[int, ...]:
 
 
 def arm(
-    cfg: AttackConfig,
-    clients: Sequence[ClientData],
-    tokenizer: PreTrainedTokenizerBase,
-    *,
-    seed: int,
-    cohort: int,
-    weight_cap: int | None,
-    max_seq_len: int,
-    eval_examples: int,
+    config: Config, clients: Sequence[ClientData], tokenizer: PreTrainedTokenizerBase, *, cohort: int
 ) -> Armed | None:
-    """The run's attack over its loaded clients, or None without one."""
+    """The run's attack over its loaded clients (`cohort` a round's: scale's default boost), or None
+    without one."""
+    cfg, seed = config.attack, config.run.seed
+    cap = config.data.max_examples_per_client
+    weight_cap = None if cap == "all" else cap
+    max_seq_len, eval_examples = config.data.max_seq_len, config.eval.max_examples_per_client
     plan = plan_attack(cfg, clients, seed=seed, cohort=cohort, weight_cap=weight_cap)
     if plan is None:
         return None

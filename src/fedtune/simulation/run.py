@@ -156,17 +156,7 @@ def setup(
     reference = None
     if config.server.rule == "fltrust" and rule is None:  # from the clients' clean data, before poisoning
         reference = RootUpdate.over(config, local, root_data(config, tokenizer, clients))
-    cap = config.data.max_examples_per_client
-    armed = arm(
-        config.attack,
-        clients,
-        tokenizer,
-        seed=seed,
-        cohort=resolved.plan.cohort,
-        weight_cap=None if cap == "all" else cap,
-        max_seq_len=config.data.max_seq_len,
-        eval_examples=config.eval.max_examples_per_client,
-    )
+    armed = arm(config, clients, tokenizer, cohort=resolved.plan.cohort)
     if armed is not None:
         clients = armed.clients
     plan = None if armed is None else armed.plan
