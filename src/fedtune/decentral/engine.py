@@ -27,13 +27,16 @@ from dataclasses import dataclass
 
 import torch
 
+from fedtune.aggregate import UpdateStack
 from fedtune.decentral.graph import Graph
 from fedtune.decentral.mixing import NeighbourRule
 from fedtune.decentral.results import DecentralRound, PeerEval
 from fedtune.evaluate import combine
+from fedtune.round.collect import PlainCollection, train_loss
 from fedtune.round.evaluation import evaluate_on
-from fedtune.round.plan import RunPlan
-from fedtune.round.transport import Transport
+from fedtune.round.messages import FLOAT32_BYTES, TrainRequest, TrainTask
+from fedtune.round.plan import Member, RunPlan
+from fedtune.round.transport import Exchange, Phase, Purpose, Transport
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,76 @@ class DecentralEngine:
         )
 
     def run_round(self, round_num: int) -> DecentralRound:
+        start, plan = self.clock(), self.plan
+        members = [Member(i, i, client_id) for i, client_id in enumerate(plan.population)]
+        messages = {
+            m.slot: TrainRequest(
+                TrainTask(round_num, self.adapters[m.index], clip_l2_norm=None, shared_seed=None), m
+            )
+            for m in members
+        }
+        collection = PlainCollection(numel=plan.adapter_numel, weights=plan.weights, linear=False)
+        self.transport.open_round(round_num, Purpose.TRAIN, members)
+        try:
+            done = self.transport.exchange(Exchange(Phase.TRAIN, messages, collection.deliver))
+        finally:
+            refused = dict(self.transport.close_round())
+        stack = collection.updates
+        assert isinstance(stack, UpdateStack)  # linear=False keeps every delta, by slot
+        trained = {
+            slot: self.adapters[slot] + delta
+            for slot, delta in zip(stack.positions, stack.deltas, strict=True)
+        }
+        reports, refusals = collection.accepted, collection.failures
+        del stack, collection  # free the N deltas: the trained adapters hold them now
+        mixing = self._mix(trained, round_num)
+        degrees = self.graph.degrees
+        bytes_up = sum(degrees[slot] for slot in trained) * plan.adapter_numel * FLOAT32_BYTES
+        evaluation = None
+        if round_num % plan.eval_every == 0 or round_num == plan.rounds:
+            evaluation, refused_in_eval = self.evaluate(round_num)
+            for kind, count in refused_in_eval.items():
+                refused[kind] = refused.get(kind, 0) + count
+        silent = {m.client_id: "no reply" for m in members if m.slot not in trained}
+        failures = silent | {cid: why for cid, why in refusals.values()}
+        return DecentralRound(
+            round_num=round_num,
+            trained=len(trained),
+            failures={cid: failures[cid] for cid in plan.population if cid in failures},
+            train_loss=train_loss(reports),
+            accepted=mixing.accepted,
+            rejected=mixing.rejected,
+            distance_ratio_median=mixing.distance_ratio_median,
+            balance_bound=mixing.bound,
+            eval=evaluation,
+            bytes_up=bytes_up,
+            refused_messages=refused,
+            seconds=self.clock() - start,
+            train_seconds=done.seconds,
+        )
+
+    def _mix(self, trained: dict[int, torch.Tensor], round_num: int) -> _Mixing:
+        """Each trained client's new adapter from its own and its trained neighbours'."""
+        accepted = rejected = 0
+        mixed, relative, bound = list(self.adapters), [], None
+        for client, own in sorted(trained.items()):
+            peers = [trained[j] for j in self.graph.neighbours[client] if j in trained]
+            neighbours = torch.stack(peers) if peers else own.new_zeros((0, own.numel()))
+            out = self.rule(own, neighbours, round_num=round_num, rounds=self.plan.rounds)
+            mixed[client] = out.flat
+            accepted, rejected = accepted + out.accepted, rejected + out.rejected
+            if out.relative_distances is not None:
+                relative.append(out.relative_distances)
+                bound = out.bound
+        self.adapters = mixed
+        median = None
+        if relative and sum(r.numel() for r in relative):
+            median = float(torch.nanquantile(torch.cat(relative).double(), 0.5))
+        return _Mixing(accepted, rejected, median, bound)
+
+    def evaluate(self, round_num: int) -> tuple[PeerEval | None, dict[str, int]]:
+        """Each evaluating client's own adapter on its own held-out data (None if none answered), and
+        the messages the transport refused meanwhile."""
         start = self.clock()
         evaluated = evaluate_on(self.transport, self.plan, round_num, lambda m: self.adapters[m.index])
         if not evaluated.any_tokens:
