@@ -26,7 +26,9 @@ class AttackConfig(Section):
     # scale (model replacement, Bagdasaryan et al. 2020): the honest delta times this; None: the cohort
     # size, which replaces the global adapter's move by the attacker's own under FedAvg's mean
     boost: float | None = Field(None, gt=0.0)
-    gaussian_rms_multiple: float = Field(10.0, gt=0.0)  # gaussian: the noise's std / the honest delta's RMS
+    # gaussian: the noise's std over the honest delta's RMS (10x barely moves a LoRA adapter's loss: the
+    # first-order effect of zero-mean noise is zero; bench/RESULTS.md)
+    gaussian_rms_multiple: float = Field(100.0, gt=0.0)
     # alie (Baruch et al. 2019): mean - z * std of the attackers' honest deltas; "auto": the paper's
     # z_max for the population and the number of attackers
     z: float | Literal["auto"] = "auto"
