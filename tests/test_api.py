@@ -9,11 +9,12 @@ import fedtune
 from tests.test_simulation import SMALL
 
 
-def norm_bounded_mean(deltas: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Each update scaled down to at most the median update norm, then the weighted mean."""
-    norms = deltas.norm(dim=1, keepdim=True)
-    bounded = deltas * (norms.median() / norms).clamp(max=1.0)
-    return (weights[:, None] * bounded).sum(dim=0) / weights.sum()
+def agreeing_mean(deltas: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The weighted mean of the updates pointing the same way as the coordinate median (cosine > 0)."""
+    median = deltas.median(dim=0).values
+    agree = torch.nn.functional.cosine_similarity(deltas, median[None], dim=1) > 0
+    w = weights * agree
+    return (w @ deltas) / w.sum() if w.sum() > 0 else median
 
 
 def test_a_users_own_rule_runs_through_the_engine(tmp_path):
@@ -25,7 +26,7 @@ def test_a_users_own_rule_runs_through_the_engine(tmp_path):
 
     def rule(deltas: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         seen.append(deltas.shape[0])
-        return norm_bounded_mean(deltas, weights)
+        return agreeing_mean(deltas, weights)
 
     result = fedtune.simulate(config, rule=rule)
     assert torch.get_num_threads() == threads  # run.threads held for the run only, the caller's restored

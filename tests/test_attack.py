@@ -339,3 +339,11 @@ def test_attackers_in_a_decentralized_federation(tmp_path):
         assert row["honest_eval_loss"] is not None
         honest = [v for c, v in row["eval_loss_per_client"].items() if c]
         assert min(honest) <= row["honest_eval_loss"] <= max(honest)
+
+
+def test_compare_refuses_an_attack():
+    from fedtune.compare.runner import compare
+
+    config = load_config(None, [*TINY, "attack.kind='scale'", "attack.fraction=0.34"])
+    with pytest.raises(ConfigError, match="use fedtune run for them"):
+        compare(config, seeds=1)

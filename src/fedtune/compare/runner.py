@@ -25,6 +25,7 @@ from fedtune.compare.report import write_comparison
 from fedtune.compare.results import ArmRun, Comparison
 from fedtune.compare.verdict import Verdict, summarize, verdict_lines
 from fedtune.config import Config
+from fedtune.errors import ConfigError
 from fedtune.local import torch_threads
 from fedtune.simulation import Observer, RunResult, Silent, run_setup, setup
 
@@ -47,6 +48,12 @@ def compare(
     federated run (the CLI's progress bar)."""
     if seeds < 1:
         raise ValueError("compare needs at least one seed")
+    if config.attack.active or config.federation.topology != "star":
+        raise ConfigError(
+            "fedtune compare weighs a star federation of honest clients against local-only and "
+            f"centralized training; attack.kind = {config.attack.kind!r} and federation.topology = "
+            f"{config.federation.topology!r} ask another question: use fedtune run for them"
+        )
     folder = config.run.resolved_dir / "compare"
     runs: list[ArmRun] = []
     tokens: dict[str, int] = {}
