@@ -347,3 +347,9 @@ def test_compare_refuses_an_attack():
     config = load_config(None, [*TINY, "attack.kind='scale'", "attack.fraction=0.34"])
     with pytest.raises(ConfigError, match="use fedtune run for them"):
         compare(config, seeds=1)
+
+
+def test_a_setting_of_another_kind_is_refused():
+    with pytest.raises(ConfigError, match=r"attack\.z is read by attack\.kind = 'alie'"):
+        load_config(None, ["attack.kind='scale'", "attack.fraction=0.2", "attack.z=1.5"])
+    assert load_config(None, ["attack.kind='alie'", "attack.fraction=0.2", "attack.z=1.5"]).attack.z == 1.5

@@ -15,6 +15,18 @@ from fedtune.section import PositiveInt, Section
 
 AttackKind = Literal["none", "sign_flip", "scale", "gaussian", "alie", "min_max", "free_rider", "backdoor"]
 COLLUSIVE: tuple[AttackKind, ...] = ("alie", "min_max")  # need the attackers' honest updates, pooled
+# the settings each kind reads: one given for another kind is refused, not ignored
+_READ_BY: dict[str, tuple[AttackKind, ...]] = {
+    "boost": ("scale", "backdoor"),
+    "gaussian_rms_multiple": ("gaussian",),
+    "z": ("alie",),
+    "min_max_direction": ("min_max",),
+    "claimed_examples": ("free_rider",),
+    "trigger": ("backdoor",),
+    "target": ("backdoor",),
+    "poison_fraction": ("backdoor",),
+    "probes": ("backdoor",),
+}
 
 
 class AttackConfig(Section):
@@ -63,4 +75,10 @@ class AttackConfig(Section):
                 "attack.fraction or attack.clients without attack.kind: set attack.kind (e.g. 'sign_flip'), "
                 "or remove them"
             )
+        for name, kinds in _READ_BY.items():
+            if name in self.model_fields_set and self.kind not in kinds:
+                raise ValueError(
+                    f"attack.{name} is read by attack.kind = {' or '.join(map(repr, kinds))}, and "
+                    f"attack.kind = {self.kind!r}: remove it, or set attack.kind to what it shapes"
+                )
         return self
