@@ -68,6 +68,8 @@ class PoisonedTrainer:
             delta = poison.gaussian(honest.delta, plan.gaussian_rms_multiple, generator)
         else:
             pool = self._pooled(global_flat, steps, epochs, extra)
+            if pool.shape[0] < 2:  # the colluders' own training failed: nothing to shape the vector from
+                return replace(honest, delta=None, error="fewer than two colluders trained this round")
             delta = poison.alie(pool, plan.z) if plan.kind == "alie" else poison.min_max(pool, plan.direction)
         return replace(honest, delta=delta)
 
@@ -95,8 +97,6 @@ class PoisonedTrainer:
             )
             if update.delta is not None:
                 deltas.append(update.delta)
-        if len(deltas) < 2:
-            raise ValueError("fewer than two colluders trained: no spread to shape the attack from")
-        pool = torch.stack(deltas)
+        pool = torch.stack(deltas) if deltas else global_flat.new_zeros((0, global_flat.numel()))
         self._pool = (digest, pool)
         return pool
