@@ -8,10 +8,14 @@ writes `bench/results/attacks/<fraction>-<attack>-<rule>.json` as soon as it end
 sweep resumes where it stopped (cells on disk are skipped). `--report` turns the cells into the tables
 of bench/RESULTS.md and a heat map (`bench/results/attacks-heatmap.png`).
 
-Clean loss change: the honest evaluation clients' token-weighted loss after the last round
-(`honest_eval_loss`) against the same clients' loss in the no-attack run with FedAvg, in percent.
+Clean loss change: the honest clients' held-out losses after the last round, averaged over the clients,
+against the same clients' in the no-attack run with FedAvg, in percent (`bench/attacks_report.py`).
 
-    .venv/bin/python bench/attacks.py [--fractions 0.2,0.1] [--attacks ...] [--rules ...] [--report]
+    .venv/bin/python bench/attacks.py [--fractions 0.2,0.1] [--attacks ...] [--rules ...] [--seed N]
+        [--report]
+
+`--seed 1 --attacks none` is the control: the no-attack run again with other cohorts and batches, the
+spread a change must exceed to count.
 """
 
 from __future__ import annotations
@@ -54,16 +58,17 @@ JOB = [
 EXTRA = {"alie": ["attack.z=1.5"]}
 
 
-def cell_name(fraction: float, attack: str, rule: str) -> str:
-    return f"{0 if attack == 'none' else round(fraction * 100)}-{attack}-{rule}"
+def cell_name(fraction: float, attack: str, rule: str, seed: int = 0) -> str:
+    name = f"{0 if attack == 'none' else round(fraction * 100)}-{attack}-{rule}"
+    return name if seed == 0 else f"{name}-seed{seed}"
 
 
-def run_cell(fraction: float, attack: str, rule: str) -> dict:
+def run_cell(fraction: float, attack: str, rule: str, seed: int = 0) -> dict:
     from fedtune.config import load_config
     from fedtune.simulation import simulate
 
-    name = cell_name(fraction, attack, rule)
-    sets = [*JOB, f"server.rule='{rule}'", f"run.dir='bench/out/attacks/{name}'"]
+    name = cell_name(fraction, attack, rule, seed)
+    sets = [*JOB, f"server.rule='{rule}'", f"run.dir='bench/out/attacks/{name}'", f"run.seed={seed}"]
     if attack != "none":
         sets += [f"attack.kind='{attack}'", f"attack.fraction={fraction}", *EXTRA.get(attack, [])]
     config = load_config(None, sets)
@@ -87,6 +92,7 @@ def run_cell(fraction: float, attack: str, rule: str) -> dict:
         "fraction": 0.0 if attack == "none" else fraction,
         "attack": attack,
         "rule": rule,
+        "seed": seed,
         "rounds": last["round"],
         "eval_loss_before": rows[0]["eval_loss"],
         "eval_loss": last["eval_loss"],
@@ -116,15 +122,15 @@ def result_clients(config):
     )
 
 
-def sweep(fractions: list[float], attacks: list[str], rules: list[str]) -> None:
+def sweep(fractions: list[float], attacks: list[str], rules: list[str], seed: int = 0) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     cells = [(0.0, "none", r) for r in rules if "none" in attacks]
     cells += [(f, a, r) for f in fractions for a in attacks if a != "none" for r in rules]
     for fraction, attack, rule in cells:
-        path = RESULTS / f"{cell_name(fraction, attack, rule)}.json"
+        path = RESULTS / f"{cell_name(fraction, attack, rule, seed)}.json"
         if path.exists():
             continue
-        out = run_cell(fraction, attack, rule)
+        out = run_cell(fraction, attack, rule, seed)
         out["machine"] = (
             f"{platform.machine()}, {len(os.sched_getaffinity(0))} cores, torch {torch.__version__}"
         )
@@ -141,6 +147,7 @@ def main() -> None:
     parser.add_argument("--fractions", default="0.2,0.1")
     parser.add_argument("--attacks", default=",".join(ATTACKS))
     parser.add_argument("--rules", default=",".join(RULES))
+    parser.add_argument("--seed", type=int, default=0, help="run.seed (0: the matrix; others: controls)")
     parser.add_argument("--report", action="store_true")
     args = parser.parse_args()
     if args.report:
@@ -149,7 +156,8 @@ def main() -> None:
         report(RESULTS)
         return
     torch.set_num_threads(1)
-    sweep([float(f) for f in args.fractions.split(",")], args.attacks.split(","), args.rules.split(","))
+    fractions = [float(f) for f in args.fractions.split(",")]
+    sweep(fractions, args.attacks.split(","), args.rules.split(","), args.seed)
 
 
 if __name__ == "__main__":
