@@ -82,9 +82,10 @@ def run_cell(fraction: float, attack: str, rule: str, seed: int = 0) -> dict:
     attackers: tuple[str, ...] = ()
     if attack != "none":
         from fedtune.attack import choose_attackers
+        from fedtune.simulation.run import load_population
 
         attackers = choose_attackers(
-            config.attack, [c.client_id for c in result_clients(config)], config.run.seed
+            config.attack, [c.client_id for c in load_population(config)[2]], config.run.seed
         )
     return {
         "cell": name,
@@ -107,19 +108,6 @@ def run_cell(fraction: float, attack: str, rule: str, seed: int = 0) -> dict:
         "load_before": load,
         "load_after": os.getloadavg()[0],
     }
-
-
-def result_clients(config):
-    """The run's population (the clients `simulate` loaded), without loading a model."""
-    from fedtune.data import load_clients
-    from fedtune.local import tokenizer_for
-    from fedtune.seeding import numpy_rng
-
-    _, tokenizer = tokenizer_for(config)
-    seed = config.data_seed
-    return load_clients(
-        config.data, config.federation.num_clients, tokenizer, numpy_rng(seed, "data"), seed=seed
-    )
 
 
 def sweep(fractions: list[float], attacks: list[str], rules: list[str], seed: int = 0) -> None:

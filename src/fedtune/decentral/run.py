@@ -22,15 +22,15 @@ from typing import Protocol
 from fedtune.aggregate import ServerConfig
 from fedtune.config import Config
 from fedtune.config.checks import check
-from fedtune.config.plan import participant_spec, resolve
-from fedtune.data import ClientData, load_clients
+from fedtune.config.plan import participant_spec
+from fedtune.data import ClientData
 from fedtune.decentral.balance import Balance
 from fedtune.decentral.engine import DecentralEngine
 from fedtune.decentral.graph import Graph, by_client, communication_graph
 from fedtune.decentral.mixing import NeighbourRule, gossip_average
 from fedtune.decentral.results import DecentralResult, DecentralRound, PeerEval
 from fedtune.errors import ConfigError
-from fedtune.local import load_model, tokenizer_for, torch_threads
+from fedtune.local import load_model, torch_threads
 from fedtune.model.adapter import save_adapter
 from fedtune.round.inprocess import InProcessTransport
 from fedtune.round.plan import Member, ParticipantSpec
@@ -40,6 +40,7 @@ from fedtune.rundir import RunDir, summary
 from fedtune.seeding import numpy_rng
 from fedtune.simulation import total_steps
 from fedtune.simulation.attack import arm
+from fedtune.simulation.run import load_population, resolve_simulation
 from fedtune.simulation.workers import ClientFactory, executor_for
 
 
@@ -116,26 +117,11 @@ def run_decentralized(
     with torch_threads(config.run.threads):
         started = time.perf_counter()
         progress = progress or Quiet()
-        model_dir, tokenizer = tokenizer_for(config, notify)
-        data_seed = config.data_seed
-        clients = load_clients(
-            config.data,
-            config.federation.num_clients,
-            tokenizer,
-            numpy_rng(data_seed, "data"),
-            seed=data_seed,
-        )
+        model_dir, tokenizer, clients = load_population(config, notify)
         check(config, "simulate", population=len(clients))  # before the graph is drawn: its size is known
         graph = draw_graph(config, len(clients))
         local = load_model(config, model_dir, tokenizer.pad_token_id)
-        resolved = resolve(
-            config,
-            "simulate",
-            population=[c.client_id for c in clients],
-            adapter_numel=local.adapter.numel,
-            layout=local.adapter.layout,
-            largest_weight=max(len(c.train) for c in clients),
-        )
+        resolved = resolve_simulation(config, clients, local)
         config, plan = resolved.config, resolved.plan
         for note in resolved.notes:
             notify(note)

@@ -20,11 +20,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from fedtune.aggregate import AggregationRule, ServerOptimizer, make_aggregator
 from fedtune.config import Config
-from fedtune.config.plan import participant_spec, resolve
+from fedtune.config.plan import Resolved, participant_spec, resolve
 from fedtune.data import ClientData, load_clients
 from fedtune.errors import ConfigError
 from fedtune.local import RootUpdate, load_model, root_data, tokenizer_for, torch_threads
@@ -42,6 +42,9 @@ from fedtune.seeding import numpy_rng
 from fedtune.simulation.attack import AttackMonitor, arm
 from fedtune.simulation.workers import ClientFactory, executor_for
 from fedtune.train.local import LocalModel
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 class Observer(Protocol):
@@ -80,6 +83,36 @@ def total_steps(config: Config, clients: list[ClientData], cohort: int) -> int:
         mean_train = sum(len(c.train) for c in clients) / len(clients)
         per_client = fed.local_epochs * -(-int(mean_train) // config.train.batch_size)
     return fed.rounds * cohort * per_client
+
+
+def load_population(
+    config: Config, notify: Callable[[str], None] = lambda _msg: None
+) -> tuple[Path, PreTrainedTokenizerBase, list[ClientData]]:
+    """The base model's directory, its tokenizer and the run's clients (`data.seed`'s), before the model
+    loads: bad data is refused first."""
+    model_dir, tokenizer = tokenizer_for(config, notify)
+    seed = config.data_seed
+    rng = numpy_rng(seed, "data")
+    return (
+        model_dir,
+        tokenizer,
+        load_clients(config.data, config.federation.num_clients, tokenizer, rng, seed=seed),
+    )
+
+
+def resolve_simulation(
+    config: Config, clients: list[ClientData], local: LocalModel, dp_randomness: DpRandomness | None = None
+) -> Resolved:
+    """The run's plan for these clients and this model (`config.plan.resolve` in simulation mode)."""
+    return resolve(
+        config,
+        "simulate",
+        population=[c.client_id for c in clients],
+        adapter_numel=local.adapter.numel,
+        layout=local.adapter.layout,
+        largest_weight=max(len(c.train) for c in clients),
+        dp_randomness=dp_randomness,
+    )
 
 
 @dataclass
@@ -125,21 +158,9 @@ def setup(
             "`fedtune compare` compares star federations only: set federation.topology = 'star' here"
         )
     seed = config.run.seed
-    model_dir, tokenizer = tokenizer_for(config, notify)
-    data_seed = config.data_seed
-    clients = load_clients(
-        config.data, config.federation.num_clients, tokenizer, numpy_rng(data_seed, "data"), seed=data_seed
-    )
+    model_dir, tokenizer, clients = load_population(config, notify)
     local = load_model(config, model_dir, tokenizer.pad_token_id)
-    resolved = resolve(
-        config,
-        "simulate",
-        population=[c.client_id for c in clients],
-        adapter_numel=local.adapter.numel,
-        layout=local.adapter.layout,
-        largest_weight=max(len(c.train) for c in clients),
-        dp_randomness=dp_randomness,
-    )
+    resolved = resolve_simulation(config, clients, local, dp_randomness)
     config = resolved.config
     for note in resolved.notes:
         notify(note)
