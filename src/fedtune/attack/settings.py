@@ -15,7 +15,7 @@ from fedtune.section import PositiveInt, Section
 
 AttackKind = Literal["none", "sign_flip", "scale", "gaussian", "alie", "min_max", "free_rider", "backdoor"]
 COLLUSIVE: tuple[AttackKind, ...] = ("alie", "min_max")  # need the attackers' honest updates, pooled
-# the settings each kind reads: one given for another kind is refused, not ignored
+# the settings each kind reads: one set (off its default) for another kind is refused, not ignored
 _READ_BY: dict[str, tuple[AttackKind, ...]] = {
     "boost": ("scale", "backdoor"),
     "gaussian_rms_multiple": ("gaussian",),
@@ -76,7 +76,8 @@ class AttackConfig(Section):
                 "or remove them"
             )
         for name, kinds in _READ_BY.items():
-            if name in self.model_fields_set and self.kind not in kinds:
+            given = getattr(self, name) != type(self).model_fields[name].default  # a written config has all
+            if given and self.kind not in kinds:
                 raise ValueError(
                     f"attack.{name} is read by attack.kind = {' or '.join(map(repr, kinds))}, and "
                     f"attack.kind = {self.kind!r}: remove it, or set attack.kind to what it shapes"
