@@ -108,7 +108,7 @@ def report(results: Path) -> None:
         raise SystemExit("run the no-attack FedAvg cell first: it is what every change is against")
     print(f"no-attack FedAvg: eval loss {clean['eval_loss_before']:.4f} -> {clean['eval_loss']:.4f}\n")
     control = cells.get("0-none-fedavg-seed1")
-    if control is not None:
+    if control is not None and set(control["per_client_after"]) == set(clean["per_client_after"]):
         print(f"control, no attack with run.seed = 1: {change(control, clean):+.2f}% (the noise floor)\n")
     print("\n".join(clean_row(cells, clean)))
     for fraction in sorted({int(c["cell"].split("-")[0]) for c in cells.values()} - {0}):
