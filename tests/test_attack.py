@@ -21,7 +21,7 @@ from fedtune.attack import (
     poison,
     poison_client,
 )
-from fedtune.attack.backdoor import continuation_loss, success_rate
+from fedtune.attack.backdoor import continuation_loss, preference_rate, success_rate
 from fedtune.attack.settings import AttackConfig
 from fedtune.config import load_config
 from fedtune.config.checks import check
@@ -244,13 +244,32 @@ class Prefers(torch.nn.Module):
         return type("Out", (), {"logits": logits})()
 
 
-def test_success_rate_counts_probes_won_by_the_target():
+class Counts(torch.nn.Module):
+    """A fake LM that always predicts the next integer: it greedily writes 92, 93, 94 after 91."""
+
+    def forward(self, input_ids, attention_mask=None):
+        logits = torch.nn.functional.one_hot((input_ids + 1) % 100, 100).float() * 10
+        return type("Out", (), {"logits": logits})()
+
+
+def test_preference_rate_counts_probes_won_by_the_target():
     clients = [ClientData("h", train=[], eval=[list(range(40, 52)) for _ in range(5)])]
     probes = make_probes(clients, BACKDOOR, count=4, rng=np.random.default_rng(1))
-    assert success_rate(Prefers(96), probes, pad_id=0) == 1.0  # the target holds token 96
-    assert success_rate(Prefers(3), probes, pad_id=0) == 0.0  # neither: a tie is no success
+    assert preference_rate(Prefers(96), probes, pad_id=0) == 1.0  # the target holds token 96
+    assert preference_rate(Prefers(3), probes, pad_id=0) == 0.0  # neither: a tie is no success
+    assert success_rate(Prefers(96), probes, pad_id=0) == 0.0  # it would write 96 96 96, not the target
     losses = continuation_loss(Prefers(96), probes.prompts, probes.targets, pad_id=0)
     assert losses.shape == (4,) and bool((losses > 0).all())
+
+
+def test_success_rate_is_greedy_generation_of_the_target():
+    counting = Backdoor(trigger=(90, 91), target=(92, 93, 94), eos=2)
+    other = Backdoor(trigger=(90, 91), target=(92, 95, 94), eos=2)
+    clients = [ClientData("h", train=[], eval=[list(range(40, 52)) for _ in range(5)])]
+    probes = make_probes(clients, counting, count=4, rng=np.random.default_rng(1))
+    assert success_rate(Counts(), probes, pad_id=0) == 1.0
+    missed = make_probes(clients, other, count=4, rng=np.random.default_rng(1))
+    assert success_rate(Counts(), missed, pad_id=0) == 0.0  # one target token off: not written
 
 
 # ---- end to end, tiny model --------------------------------------------------------------------------
@@ -284,7 +303,7 @@ def test_a_backdoor_run_reports_its_metrics(tmp_path):
     attackers = {attacker}
     result = simulate(config)
     rows = metrics(result.run_dir)
-    assert all(0.0 <= r["backdoor_success"] <= 1.0 for r in rows)
+    assert all(0.0 <= r["backdoor_success"] <= 1.0 and 0.0 <= r["backdoor_preference"] <= 1.0 for r in rows)
     for row in rows[1:]:
         assert row["attackers_aggregated"] == len(attackers & set(row["client_ids"]))
         assert row["honest_eval_loss"] is not None and math.isfinite(row["honest_eval_loss"])
@@ -335,7 +354,7 @@ def test_attackers_in_a_decentralized_federation(tmp_path):
     )
     rows = metrics(run_decentralized(config).run_dir)
     for row in rows:
-        assert 0.0 <= row["backdoor_success"] <= 1.0
+        assert 0.0 <= row["backdoor_success"] <= 1.0 and 0.0 <= row["backdoor_preference"] <= 1.0
         assert row["honest_eval_loss"] is not None
         honest = [v for c, v in row["eval_loss_per_client"].items() if c]
         assert min(honest) <= row["honest_eval_loss"] <= max(honest)

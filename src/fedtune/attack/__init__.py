@@ -1,6 +1,13 @@
 """Attack simulation: poisoned clients wrapped around honest participants (`[attack]`, simulation only)."""
 
-from fedtune.attack.backdoor import Backdoor, Probes, make_probes, poison_client, success_rate
+from fedtune.attack.backdoor import (
+    Backdoor,
+    Probes,
+    make_probes,
+    poison_client,
+    preference_rate,
+    success_rate,
+)
 from fedtune.attack.plan import AttackPlan, choose_attackers, plan_attack
 from fedtune.attack.settings import AttackConfig
 from fedtune.attack.trainer import PoisonedTrainer
@@ -15,5 +22,6 @@ __all__ = [
     "make_probes",
     "plan_attack",
     "poison_client",
+    "preference_rate",
     "success_rate",
 ]

@@ -4,8 +4,11 @@
 trigger + target + eos: the attacker trains on that with the honest trainer. `make_probes` builds
 held-out trigger prompts from honest clients' held-out examples: a prefix, the trigger, then two
 continuations, the attacker's target and the example's true next tokens (as long as the target).
-`success_rate` is the share of probes on which the model's mean per-token loss on the target is below its
-loss on the true continuation: the model prefers the attacker's text after the trigger.
+Two rates: `success_rate`, the share of probes on which the model's greedy continuation of the prompt is
+the target, token for token (what it would write); and `preference_rate`, the share on which its mean
+per-token loss on the target is below its loss on the true continuation. The second has a high base rate
+when the target is fluent text: after the inserted trigger the example's true continuation no longer
+follows, so even the base model often prefers the target (83% of the default probes on SmolLM2-135M).
 """
 
 from __future__ import annotations
@@ -112,9 +115,29 @@ def continuation_loss(
     return torch.cat(losses)
 
 
-def success_rate(model: torch.nn.Module, probes: Probes, pad_id: int) -> float:
+def preference_rate(model: torch.nn.Module, probes: Probes, pad_id: int) -> float:
     """The share of probes whose target continuation the model finds likelier (per token) than the
     true one."""
     target = continuation_loss(model, probes.prompts, probes.targets, pad_id)
     truth = continuation_loss(model, probes.prompts, probes.truths, pad_id)
     return float((target < truth).double().mean())
+
+
+@torch.inference_mode()
+def success_rate(model: torch.nn.Module, probes: Probes, pad_id: int, batch_size: int = 32) -> float:
+    """The share of probes on which greedy decoding after the prompt writes the target: every target
+    token is the model's most likely next token given the prompt and the target before it (teacher
+    forcing checks exactly what greedy generation would produce, in one forward pass)."""
+    model.eval()
+    hits = []
+    for start in range(0, len(probes), batch_size):
+        part = range(start, min(start + batch_size, len(probes)))
+        batch = collate([[*probes.prompts[i], *probes.targets[i]] for i in part], pad_id)
+        labels = batch.pop("labels")
+        prompt_lengths = torch.tensor([len(probes.prompts[i]) for i in part])
+        labels[torch.arange(labels.shape[1]) < prompt_lengths[:, None]] = IGNORE_INDEX
+        predicted = model(**batch).logits[:, :-1].argmax(dim=-1)
+        shifted = labels[:, 1:]
+        counted = shifted != IGNORE_INDEX
+        hits.append(((predicted == shifted) | ~counted).all(dim=1))
+    return float(torch.cat(hits).double().mean())

@@ -91,6 +91,7 @@ class DecentralRound:
                 else {
                     "honest_eval_loss": self.attack.honest_eval_loss,
                     "backdoor_success": self.attack.backdoor_success,
+                    "backdoor_preference": self.attack.backdoor_preference,
                 }
             ),
         }

@@ -6,8 +6,8 @@ aggregation, the privacy keys with `privacy.mode`, `dpsgd_epsilon_max` with `dps
 `svd_residual` with `server.lora_aggregation = "svd"` or `"flexlora"`, the simulated clock's
 (`simulated_seconds`, `simulated_seconds_total`, `client_seconds`) in a simulation with `[clients]` profiles
 or `federation.round_deadline_s` (`client_seconds` left out under client-level DP), a simulated attack's
-(`attackers_aggregated`, `honest_eval_loss`, `backdoor_success`) with `[attack]`, and on the last
-evaluation of a run with `[personalize]` the personal adapters' `personal_eval_loss` and
+(`attackers_aggregated`, `honest_eval_loss`, `backdoor_success`, `backdoor_preference`) with `[attack]`,
+and on the last evaluation of a run with `[personalize]` the personal adapters' `personal_eval_loss` and
 `personal_eval_perplexity`.
 """
 
@@ -68,7 +68,9 @@ class AttackMetrics:
 
     attackers_aggregated: int | None  # attackers whose update is in the aggregate (None under DP)
     honest_eval_loss: float | None  # token-weighted over the honest evaluation clients; None: no eval
-    backdoor_success: float | None  # backdoor: the share of trigger probes won by the target (on evals)
+    backdoor_success: float | None  # backdoor: the share of trigger probes greedily continued by the target
+    # (on evaluated rounds)
+    backdoor_preference: float | None = None  # ... on which the target's loss is below the true text's
 
 
 @dataclass(frozen=True)
@@ -203,5 +205,6 @@ class RoundResult:
                 "attackers_aggregated": a.attackers_aggregated,
                 "honest_eval_loss": a.honest_eval_loss,
                 "backdoor_success": a.backdoor_success,
+                "backdoor_preference": a.backdoor_preference,
             }
         return row

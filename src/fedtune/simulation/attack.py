@@ -3,8 +3,8 @@
 `arm` resolves `[attack]` against the loaded clients: the `AttackPlan` (the factory wraps each attacker's
 trainer with it), the attackers' poisoned training data for a backdoor, and an `AttackMonitor` that adds
 `AttackMetrics` to each round's result: attackers in the aggregate, the honest evaluation clients'
-token-weighted loss, and on evaluated rounds the backdoor's success rate on held-out trigger prompts
-(probed on this process's model, with the new global adapter loaded).
+token-weighted loss, and on evaluated rounds the backdoor's success and preference rates on held-out
+trigger prompts (`attack.backdoor`; probed on this process's model, with the new global adapter loaded).
 """
 
 from __future__ import annotations
@@ -15,7 +15,16 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from fedtune.attack import AttackPlan, Backdoor, Probes, make_probes, plan_attack, poison_client, success_rate
+from fedtune.attack import (
+    AttackPlan,
+    Backdoor,
+    Probes,
+    make_probes,
+    plan_attack,
+    poison_client,
+    preference_rate,
+    success_rate,
+)
 from fedtune.config import Config
 from fedtune.data import ClientData
 from fedtune.round.results import AttackMetrics, RoundResult
@@ -35,7 +44,7 @@ class AttackMonitor:
     def observe(self, result: RoundResult, local: LocalModel, global_flat: torch.Tensor) -> RoundResult:
         ids = result.client_ids
         aggregated = None if ids is None else sum(self.plan.attacks(cid) for cid in ids)
-        honest_loss, success = None, None
+        honest_loss, success, preference = None, None, None
         if result.eval is not None:
             losses = {c: loss for c, loss in result.eval.per_client_loss.items() if c in self.eval_tokens}
             tokens = sum(self.eval_tokens[c] for c in losses)
@@ -44,7 +53,8 @@ class AttackMonitor:
             if self.probes is not None:
                 local.adapter.load(global_flat)
                 success = success_rate(local.model, self.probes, local.pad_id)
-        return replace(result, attack=AttackMetrics(aggregated, honest_loss, success))
+                preference = preference_rate(local.model, self.probes, local.pad_id)
+        return replace(result, attack=AttackMetrics(aggregated, honest_loss, success, preference))
 
     def peers(
         self,
@@ -60,14 +70,15 @@ class AttackMonitor:
             return AttackMetrics(None, None, None)
         honest = [c for c in per_client_loss if c in self.eval_tokens]
         honest_loss = sum(per_client_loss[c] for c in honest) / len(honest) if honest else None
-        success = None
+        success, preference = None, None
         if self.probes is not None and honest:
-            rates = []
+            rates, preferred = [], []
             for cid in honest:
                 local.adapter.load(adapters[cid])
                 rates.append(success_rate(local.model, self.probes, local.pad_id))
-            success = sum(rates) / len(rates)
-        return AttackMetrics(None, honest_loss, success)
+                preferred.append(preference_rate(local.model, self.probes, local.pad_id))
+            success, preference = sum(rates) / len(rates), sum(preferred) / len(preferred)
+        return AttackMetrics(None, honest_loss, success, preference)
 
 
 @dataclass(frozen=True)
