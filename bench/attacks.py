@@ -103,6 +103,8 @@ def run_cell(fraction: float, attack: str, rule: str, seed: int = 0) -> dict:
         "honest_eval_loss": last.get("honest_eval_loss", last["eval_loss"]),
         "backdoor_success_before": rows[0].get("backdoor_success"),
         "backdoor_success": last.get("backdoor_success"),
+        "backdoor_preference_before": rows[0].get("backdoor_preference"),
+        "backdoor_preference": last.get("backdoor_preference"),
         "attackers": list(attackers),
         "attackers_aggregated": sum(r.get("attackers_aggregated") or 0 for r in rows[1:]),
         "per_client_after": clients,
