@@ -56,32 +56,51 @@ JOB = [
 ]
 
 
+# BALANCE's sweep: every client trains every round, so 2 local steps (each client still trains 24 steps in
+# 12 rounds, twice a star client's average of 12); a random 4-regular graph; gossip averaging ("fedavg")
+# is the undefended side, "balance" the defense. The bound gamma is set from the no-attack run's distances.
+STAR_ONLY = ("federation.clients_per_round", "federation.local_steps", "server.trim", "server.byzantine")
+DECENTRAL_JOB = [
+    *[s for s in JOB if not s.startswith(STAR_ONLY)],
+    "federation.local_steps=2",
+    "federation.topology='decentralized'",
+    "federation.graph='k_regular'",
+    "federation.graph_degree=4",
+]
+DECENTRAL_RULES = ["fedavg", "balance"]
+DECENTRAL_EXTRA: list[str] = []  # --gamma's setting; its cells are named "-g<gamma>"
+
+
 # per attack: ALIE's z_max for 20 clients and 4 attackers is 0.39, which left FedAvg's loss as it was
 # (bench/RESULTS.md); the sweep runs it at z = 1.5
 EXTRA = {"alie": ["attack.z=1.5"]}
 
 
-def cell_name(fraction: float, attack: str, rule: str, seed: int = 0) -> str:
-    name = f"{0 if attack == 'none' else round(fraction * 100)}-{attack}-{rule}"
+def cell_name(fraction: float, attack: str, rule: str, seed: int = 0, decentral: bool = False) -> str:
+    name = f"{'dec-' if decentral else ''}{0 if attack == 'none' else round(fraction * 100)}-{attack}-{rule}"
+    if decentral and rule == "balance" and DECENTRAL_EXTRA:
+        name += "-g" + DECENTRAL_EXTRA[0].split("=")[1]
     return name if seed == 0 else f"{name}-seed{seed}"
 
 
-def run_cell(fraction: float, attack: str, rule: str, seed: int = 0) -> dict:
+def run_cell(fraction: float, attack: str, rule: str, seed: int = 0, decentral: bool = False) -> dict:
     from fedtune.config import load_config
+    from fedtune.decentral import run_decentralized
     from fedtune.simulation import simulate
 
-    name = cell_name(fraction, attack, rule, seed)
-    sets = [*JOB, f"server.rule='{rule}'", f"run.dir='bench/out/attacks/{name}'", f"run.seed={seed}"]
+    name = cell_name(fraction, attack, rule, seed, decentral)
+    job = [*DECENTRAL_JOB, *DECENTRAL_EXTRA] if decentral else JOB
+    sets = [*job, f"server.rule='{rule}'", f"run.dir='bench/out/attacks/{name}'", f"run.seed={seed}"]
     if attack != "none":
         sets += [f"attack.kind='{attack}'", f"attack.fraction={fraction}", *EXTRA.get(attack, [])]
     config = load_config(None, sets)
     load = os.getloadavg()[0]
     started = time.perf_counter()
-    result = simulate(config)
+    run_dir = (run_decentralized(config) if decentral else simulate(config)).run_dir
     seconds = time.perf_counter() - started
-    rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     last = rows[-1]
-    clients = json.loads((result.run_dir / "clients.json").read_text())
+    clients = json.loads((run_dir / "clients.json").read_text())
     attackers: tuple[str, ...] = ()
     if attack != "none":
         from fedtune.attack import choose_attackers
@@ -107,23 +126,29 @@ def run_cell(fraction: float, attack: str, rule: str, seed: int = 0) -> dict:
         "backdoor_preference": last.get("backdoor_preference"),
         "attackers": list(attackers),
         "attackers_aggregated": sum(r.get("attackers_aggregated") or 0 for r in rows[1:]),
+        "topology": "decentralized" if decentral else "star",
+        "acceptance_rate": [r.get("acceptance_rate") for r in rows[1:]] if decentral else None,
+        "distance_ratio_median": [r.get("distance_ratio_median") for r in rows[1:]] if decentral else None,
         "per_client_after": clients,
-        "failed_rounds": sum(r["round_failed"] is not None for r in rows),
+        "failed_rounds": sum(r.get("round_failed") is not None for r in rows),
+        "failed_clients": sum(len(r.get("failed_clients") or ()) for r in rows),
         "seconds": seconds,
         "load_before": load,
         "load_after": os.getloadavg()[0],
     }
 
 
-def sweep(fractions: list[float], attacks: list[str], rules: list[str], seed: int = 0) -> None:
+def sweep(
+    fractions: list[float], attacks: list[str], rules: list[str], seed: int = 0, decentral: bool = False
+) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     cells = [(0.0, "none", r) for r in rules if "none" in attacks]
     cells += [(f, a, r) for f in fractions for a in attacks if a != "none" for r in rules]
     for fraction, attack, rule in cells:
-        path = RESULTS / f"{cell_name(fraction, attack, rule, seed)}.json"
+        path = RESULTS / f"{cell_name(fraction, attack, rule, seed, decentral)}.json"
         if path.exists():
             continue
-        out = run_cell(fraction, attack, rule, seed)
+        out = run_cell(fraction, attack, rule, seed, decentral)
         out["machine"] = (
             f"{platform.machine()}, {len(os.sched_getaffinity(0))} cores, torch {torch.__version__}"
         )
@@ -139,18 +164,25 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--fractions", default="0.2,0.1")
     parser.add_argument("--attacks", default=",".join(ATTACKS))
-    parser.add_argument("--rules", default=",".join(RULES))
+    parser.add_argument("--rules", default=None, help="default: every star rule, or fedavg,balance")
+    parser.add_argument(
+        "--decentralized", action="store_true", help="BALANCE's sweep: a decentralized federation"
+    )
+    parser.add_argument("--gamma", type=float, default=None, help="server.balance_gamma (decentralized)")
     parser.add_argument("--seed", type=int, default=0, help="run.seed (0: the matrix; others: controls)")
     parser.add_argument("--report", action="store_true")
     args = parser.parse_args()
     if args.report:
         from bench.attacks_report import report
 
-        report(RESULTS)
+        report(RESULTS, args.gamma)
         return
     torch.set_num_threads(1)
     fractions = [float(f) for f in args.fractions.split(",")]
-    sweep(fractions, args.attacks.split(","), args.rules.split(","), args.seed)
+    rules = args.rules or ",".join(DECENTRAL_RULES if args.decentralized else RULES)
+    if args.gamma is not None:
+        DECENTRAL_EXTRA.append(f"server.balance_gamma={args.gamma}")
+    sweep(fractions, args.attacks.split(","), rules.split(","), args.seed, args.decentralized)
 
 
 if __name__ == "__main__":

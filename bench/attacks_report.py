@@ -13,7 +13,7 @@ from pathlib import Path
 from statistics import mean
 
 from bench.attacks import ATTACKS as KINDS
-from bench.attacks import RULES
+from bench.attacks import DECENTRAL_RULES, RULES
 
 ATTACKS = [k for k in KINDS if k != "none"]
 
@@ -72,6 +72,33 @@ def clean_row(cells: dict[str, dict], clean: dict) -> list[str]:
     return ["| no attack | " + " | ".join(row) + " |"]
 
 
+def decentral_table(cells: dict[str, dict], fraction: int, clean: dict, suffix: str) -> list[str]:
+    """BALANCE's sweep: per attack, gossip averaging against BALANCE, each the honest clients' loss change
+    against the no-attack gossip run, the backdoor's success on the honest clients' own adapters, and the
+    share of neighbour adapters accepted over the run."""
+    lines = [
+        f"| {fraction}% attackers | " + " | ".join(DECENTRAL_RULES) + " |",
+        "| --- |" + " --- |" * len(DECENTRAL_RULES),
+    ]
+    for attack in ["none", *ATTACKS]:
+        row = []
+        for rule in DECENTRAL_RULES:
+            name = f"dec-0-none-{rule}" if attack == "none" else f"dec-{fraction}-{attack}-{rule}"
+            cell = cells.get(name + (suffix if rule == "balance" else ""))
+            if cell is None:
+                row.append("not run")
+                continue
+            text = f"{change(cell, clean):+.1f}%"
+            if attack == "backdoor" and cell["backdoor_success"] is not None:
+                text += f" / {100 * cell['backdoor_success']:.0f}%"
+            rates = [r for r in cell["acceptance_rate"] or () if r is not None]
+            if rule == "balance" and rates:
+                text += f" (accepts {100 * mean(rates):.0f}%)"
+            row.append(text)
+        lines.append(f"| {'no attack' if attack == 'none' else attack} | " + " | ".join(row) + " |")
+    return lines
+
+
 def heatmap(cells: dict[str, dict], clean: dict, out: Path) -> None:
     import matplotlib
 
@@ -79,7 +106,7 @@ def heatmap(cells: dict[str, dict], clean: dict, out: Path) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    fractions = sorted({int(c["cell"].split("-")[0]) for c in cells.values()} - {0})
+    fractions = sorted({int(c["cell"].split("-")[0]) for c in _star(cells).values()} - {0})
     fig, axes = plt.subplots(1, len(fractions), figsize=(6.5 * len(fractions), 4.6), squeeze=False)
     for ax, fraction in zip(axes[0], fractions, strict=True):
         grid = np.full((len(ATTACKS), len(RULES)), math.nan)
@@ -101,8 +128,13 @@ def heatmap(cells: dict[str, dict], clean: dict, out: Path) -> None:
     fig.savefig(out, dpi=120)
 
 
-def report(results: Path) -> None:
-    cells = load(results)
+def _star(cells: dict[str, dict]) -> dict[str, dict]:
+    return {name: cell for name, cell in cells.items() if not name.startswith("dec-")}
+
+
+def report(results: Path, gamma: float | None = None) -> None:
+    everything = load(results)
+    cells = _star(everything)
     clean = cells.get("0-none-fedavg")
     if clean is None:
         raise SystemExit("run the no-attack FedAvg cell first: it is what every change is against")
@@ -116,3 +148,14 @@ def report(results: Path) -> None:
         print("\n".join(table(cells, fraction, clean)))
     heatmap(cells, clean, results.parent / "attacks-heatmap.png")
     print(f"\nheat map: {results.parent / 'attacks-heatmap.png'}")
+    gossip = everything.get("dec-0-none-fedavg")
+    if gossip is not None:
+        suffix = "" if gamma is None else f"-g{gamma}"
+        print(
+            f"\ndecentralized, no attack, gossip: mean eval loss {gossip['eval_loss_before']:.4f} -> "
+            f"{gossip['eval_loss']:.4f}; BALANCE cells {suffix or '(default gamma)'}"
+        )
+        fractions = {int(n.split("-")[1]) for n in everything if n.startswith("dec-")} - {0}
+        for fraction in sorted(fractions):
+            print()
+            print("\n".join(decentral_table(everything, fraction, gossip, suffix)))
