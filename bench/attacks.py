@@ -69,6 +69,8 @@ DECENTRAL_JOB = [
 ]
 DECENTRAL_RULES = ["fedavg", "balance"]
 DECENTRAL_EXTRA: list[str] = []  # --gamma's setting; its cells are named "-g<gamma>"
+TRIAL: list[str] = []  # --set's settings (a trial of an attack's strength); its cells are named "-<tag>"
+TAG: list[str] = []
 
 
 # per attack: ALIE's z_max for 20 clients and 4 attackers is 0.39, which left FedAvg's loss as it was
@@ -80,6 +82,8 @@ def cell_name(fraction: float, attack: str, rule: str, seed: int = 0, decentral:
     name = f"{'dec-' if decentral else ''}{0 if attack == 'none' else round(fraction * 100)}-{attack}-{rule}"
     if decentral and rule == "balance" and DECENTRAL_EXTRA:
         name += "-g" + DECENTRAL_EXTRA[0].split("=")[1]
+    if TAG:
+        name += f"-{TAG[0]}"
     return name if seed == 0 else f"{name}-seed{seed}"
 
 
@@ -93,6 +97,7 @@ def run_cell(fraction: float, attack: str, rule: str, seed: int = 0, decentral: 
     sets = [*job, f"server.rule='{rule}'", f"run.dir='bench/out/attacks/{name}'", f"run.seed={seed}"]
     if attack != "none":
         sets += [f"attack.kind='{attack}'", f"attack.fraction={fraction}", *EXTRA.get(attack, [])]
+    sets += TRIAL
     config = load_config(None, sets)
     load = os.getloadavg()[0]
     started = time.perf_counter()
@@ -170,6 +175,8 @@ def main() -> None:
     )
     parser.add_argument("--gamma", type=float, default=None, help="server.balance_gamma (decentralized)")
     parser.add_argument("--seed", type=int, default=0, help="run.seed (0: the matrix; others: controls)")
+    parser.add_argument("--set", action="append", default=[], help="a setting more (a trial; needs --tag)")
+    parser.add_argument("--tag", default=None, help="names the --set trial's cells")
     parser.add_argument("--report", action="store_true")
     args = parser.parse_args()
     if args.report:
@@ -180,6 +187,10 @@ def main() -> None:
     torch.set_num_threads(1)
     fractions = [float(f) for f in args.fractions.split(",")]
     rules = args.rules or ",".join(DECENTRAL_RULES if args.decentralized else RULES)
+    if bool(args.set) != bool(args.tag):
+        parser.error("--set and --tag go together: a trial's cells are named by its tag")
+    TRIAL.extend(args.set)
+    TAG.extend([args.tag] if args.tag else [])
     if args.gamma is not None:
         DECENTRAL_EXTRA.append(f"server.balance_gamma={args.gamma}")
     sweep(fractions, args.attacks.split(","), rules.split(","), args.seed, args.decentralized)

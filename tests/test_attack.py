@@ -149,6 +149,7 @@ def plan(kind: str, **changes) -> AttackPlan:
         z=1.0,
         direction="std",
         claimed_examples=256,
+        batch_size=4,
         colluders=(client("a1"), client("a2")) if kind in ("alie", "min_max") else (),
     )
     return replace(base, **changes)
@@ -187,9 +188,16 @@ def test_the_attacks_change_the_honest_delta_as_named():
 
 def test_a_free_rider_does_not_train_and_claims_many_examples():
     inner = Honest()
-    update = PoisonedTrainer(inner, plan("free_rider")).train(torch.zeros(8), client("a1", 3), seed=1)
+    update = PoisonedTrainer(inner, plan("free_rider")).train(
+        torch.zeros(8), client("a1", 3), seed=1, steps=3
+    )
     assert inner.calls == [] and update.num_examples == 256
     assert torch.equal(update.delta, torch.zeros(8)) and math.isnan(update.train_loss)
+    assert update.num_steps == 3  # the steps it was given
+    by_epochs = PoisonedTrainer(inner, plan("free_rider")).train(
+        torch.zeros(8), client("a1", 3), seed=1, epochs=2
+    )
+    assert by_epochs.num_steps == 2 * 256 // 4  # what an honest client of its claimed size would take
 
 
 def test_colluders_pool_once_per_start_and_send_one_vector():
@@ -199,10 +207,11 @@ def test_colluders_pool_once_per_start_and_send_one_vector():
     first = trainer.train(start, client("a1"), seed=1).delta
     second = trainer.train(start, client("a2"), seed=2).delta
     assert torch.equal(first, second)  # both attackers of the round send the same vector
-    pooled = [c for c in inner.calls if c[1] not in (1, 2)]
-    assert len(pooled) == 2  # the two colluders trained once, for both
-    trainer.train(start + 1, client("a1"), seed=3)
-    assert len([c for c in inner.calls if c[1] not in (1, 2, 3)]) == 4  # a new start: a new pool
+    assert [cid for cid, _ in inner.calls] == ["a1", "a2"]  # each colluder trained once, for both
+    assert not {1, 2} & {seed for _, seed in inner.calls}  # the pool's seeds are named by the start
+    again = trainer.train(start + 1, client("a1"), seed=3)
+    assert len(inner.calls) == 4  # a new start: a new pool
+    assert again.train_loss == 1.0 and again.num_examples == 10  # its own row of the pool
 
 
 # ---- the backdoor ------------------------------------------------------------------------------------

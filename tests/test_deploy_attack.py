@@ -34,7 +34,7 @@ def misbehaving_site(target: str, certs: Path, data: Path) -> None:
 
     def build(config_toml: str) -> SiteRun:
         site = build_site(load_config_text(config_toml), data, "text", client_id)
-        plan = AttackPlan("scale", (client_id,), BOOST, 10.0, 1.0, "std", None)
+        plan = AttackPlan("scale", (client_id,), BOOST, 10.0, 1.0, "std", None, batch_size=4)
         site.participant.trainer = PoisonedTrainer(site.participant.trainer, plan)
         return site
 

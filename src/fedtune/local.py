@@ -8,7 +8,6 @@ the reference FLTrust scores the clients' updates against.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from fedtune.model.adapter import FlatAdapter, attach_lora
 from fedtune.model.base import load_base_model, load_tokenizer, resolve_model_dir
 from fedtune.privacy.noise import os_entropy_generator
 from fedtune.round.plan import LocalWork
-from fedtune.seeding import derive_seed, numpy_rng, torch_generator
+from fedtune.seeding import derive_seed, numpy_rng, tensor_key, torch_generator
 from fedtune.train.local import LocalModel, LocalTrainer, Trainer
 
 
@@ -128,11 +127,10 @@ class RootUpdate:
         return cls(trainer, root, local_work(config), config.run.seed, mask)
 
     def __call__(self, global_flat: torch.Tensor) -> torch.Tensor:
-        digest = hashlib.blake2b(global_flat.numpy().tobytes(), digest_size=8).digest()
         update = self.trainer.train(
             global_flat,
             self.root,
-            seed=derive_seed(self.seed, "fltrust-root", int.from_bytes(digest, "big") >> 1),
+            seed=derive_seed(self.seed, "fltrust-root", tensor_key(global_flat)),
             steps=self.work.steps,
             epochs=self.work.epochs,
         )

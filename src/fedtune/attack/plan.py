@@ -27,6 +27,7 @@ class AttackPlan:
     z: float  # alie
     direction: Literal["unit", "std", "sign"]  # min_max
     claimed_examples: int | None  # free_rider; None: its own count
+    batch_size: int  # train.batch_size: the steps a free rider claims under local_epochs
     colluders: tuple[ClientData, ...] = ()  # alie, min_max: every attacker's data, to pool honest deltas
 
     @property
@@ -67,9 +68,11 @@ def plan_attack(
     seed: int,
     cohort: int,
     weight_cap: int | None,
+    batch_size: int,
 ) -> AttackPlan | None:
     """The run's attack (None without one). `cohort`: clients per round (scale's default boost);
-    `weight_cap`: the largest weight the server grants (a free rider's default claim)."""
+    `weight_cap`: the largest weight the server grants (a free rider's default claim); `batch_size`:
+    train.batch_size."""
     if not cfg.active:
         return None
     population = [c.client_id for c in clients]
@@ -91,5 +94,6 @@ def plan_attack(
         z=z,
         direction=cfg.min_max_direction,
         claimed_examples=cfg.claimed_examples if cfg.claimed_examples is not None else weight_cap,
+        batch_size=batch_size,
         colluders=tuple(by_id[cid] for cid in attackers) if cfg.kind in COLLUSIVE else (),
     )

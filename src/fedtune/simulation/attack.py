@@ -101,7 +101,9 @@ def arm(
     cap = config.data.max_examples_per_client
     weight_cap = None if cap == "all" else cap
     max_seq_len, eval_examples = config.data.max_seq_len, config.eval.max_examples_per_client
-    plan = plan_attack(cfg, clients, seed=seed, cohort=cohort, weight_cap=weight_cap)
+    plan = plan_attack(
+        cfg, clients, seed=seed, cohort=cohort, weight_cap=weight_cap, batch_size=config.train.batch_size
+    )
     if plan is None:
         return None
     honest = [c for c in clients if not plan.attacks(c.client_id)]

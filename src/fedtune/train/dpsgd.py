@@ -41,7 +41,7 @@ from fedtune.data import ClientData
 from fedtune.data.batching import IGNORE_INDEX, collate
 from fedtune.errors import ConfigError
 from fedtune.model.adapter import FlatAdapter
-from fedtune.train.local import ClientUpdate
+from fedtune.train.local import ClientUpdate, num_steps
 from fedtune.train.settings import TrainConfig
 
 
@@ -94,16 +94,6 @@ def per_example_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> 
 
 def sample_rate(num_examples: int, batch_size: int) -> float:
     return min(1.0, batch_size / num_examples)
-
-
-def num_steps(num_examples: int, batch_size: int, *, steps: int | None, epochs: int | None) -> int:
-    """Local steps: `steps`, or `epochs` passes of num_examples / batch_size expected batches each."""
-    if (steps is None) == (epochs is None):
-        raise ValueError("give exactly one of steps and epochs")
-    if steps is not None:
-        return steps
-    assert epochs is not None
-    return epochs * math.ceil(num_examples / batch_size)
 
 
 def poisson_batches(

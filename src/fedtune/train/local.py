@@ -72,6 +72,16 @@ def batch_schedule(
     return list(order[: steps * batch_size].view(steps, batch_size))
 
 
+def num_steps(num_examples: int, batch_size: int, *, steps: int | None, epochs: int | None) -> int:
+    """Local steps: `steps`, or `epochs` passes of num_examples / batch_size expected batches each."""
+    if (steps is None) == (epochs is None):
+        raise ValueError("give exactly one of steps and epochs")
+    if steps is not None:
+        return steps
+    assert epochs is not None
+    return epochs * math.ceil(num_examples / batch_size)
+
+
 @dataclass(frozen=True)
 class LocalModel:
     """The one model a process trains and evaluates on: the PEFT model, its flat LoRA view, the pad id."""
