@@ -230,7 +230,7 @@ class DashboardServer:
 
     def start(self) -> DashboardServer:
         self._thread = threading.Thread(
-            target=self._httpd.serve_forever, name="fedtune-dashboard", daemon=True
+            target=self._httpd.serve_forever, args=(0.1,), name="fedtune-dashboard", daemon=True
         )
         self._thread.start()
         return self

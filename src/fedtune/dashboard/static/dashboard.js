@@ -337,6 +337,7 @@ function render(s) {
   document.body.dataset.state = s.progress.state;
   document.body.dataset.rounds = String(s.rounds.length);
   document.body.dataset.latestRound = String(latest);
+  document.body.dataset.generatedAt = String(s.generated_at);
   $("updated").textContent = `updated ${clock(s.generated_at)}`;
 }
 
