@@ -118,6 +118,7 @@ class _Handler(BaseHTTPRequestHandler):
     server: _HTTPServer
     server_version = "fedtune-dashboard"
     sys_version = ""
+    timeout = 30  # seconds a silent connection may hold its thread
 
     def do_GET(self) -> None:
         self._answer(body=True)
