@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 CONFIG ?=
 ARGS ?=
 
-.PHONY: install install-dev run smoke test lint format bench clean proto
+.PHONY: install install-dev browser run smoke test lint format bench clean proto
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,7 +33,13 @@ run: install
 smoke: install
 	$(BIN)/fedtune run --set model.name=tiny --set run.name=smoke $(ARGS)
 
-test: install-dev
+# the dashboard's browser tests drive Debian's Chromium (Playwright's own download needs the network)
+browser:
+	@command -v chromium >/dev/null || { \
+		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium >/dev/null; \
+		else echo "the dashboard's browser tests need Chromium: run 'sudo apt-get install chromium' (they skip without it)"; fi; }
+
+test: install-dev browser
 	$(BIN)/pytest
 
 lint: install-dev

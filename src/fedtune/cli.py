@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -201,21 +203,43 @@ def server(
         bool, typer.Option("--unsafe-insecure", help="Plaintext, no client certificates: tests only.")
     ] = False,
     verbose: Annotated[bool, typer.Option("--verbose", help="Show gRPC's own log.")] = False,
+    dashboard: Annotated[
+        int | None,
+        typer.Option("--dashboard", min=0, max=65535, help="Also serve the run's live page on this port."),
+    ] = None,
+    dashboard_host: Annotated[
+        str, typer.Option("--dashboard-host", help="Where the page listens; not loopback: with a token.")
+    ] = "127.0.0.1",
 ) -> None:
     """Coordinate a deployed run: serve gRPC with mutual TLS, run the rounds, keep state in run.dir."""
     from fedtune.transport.handshake_log import HandshakeLogTap, enable_trace
 
+    page = None if dashboard is None else (dashboard_host, dashboard)
     enable_trace(os.environ)  # before gRPC loads: refused handshakes are in its log, which the tap reads
     with HandshakeLogTap(verbose=verbose) as handshakes:
-        _serve(config, set_ or [], resume=resume, insecure=unsafe_insecure, handshakes=handshakes)
+        _serve(config, set_ or [], resume=resume, insecure=unsafe_insecure, handshakes=handshakes, page=page)
 
 
 def _serve(
-    config: Path | None, set_: list[str], *, resume: bool, insecure: bool, handshakes: HandshakeLogTap
+    config: Path | None,
+    set_: list[str],
+    *,
+    resume: bool,
+    insecure: bool,
+    handshakes: HandshakeLogTap,
+    page: tuple[str, int] | None,
 ) -> None:
     from fedtune.config import load_config
 
     cfg = load_config(config, set_)
+    if page is not None:
+        with _dashboard(cfg.run.resolved_dir, *page):
+            _serve_run(cfg, resume=resume, insecure=insecure, handshakes=handshakes)
+    else:
+        _serve_run(cfg, resume=resume, insecure=insecure, handshakes=handshakes)
+
+
+def _serve_run(cfg: Config, *, resume: bool, insecure: bool, handshakes: HandshakeLogTap) -> None:
     _quiet_libraries()
     from fedtune.deploy.server import serve
     from fedtune.progress import round_line
@@ -299,18 +323,57 @@ def status(
     rounds: Annotated[int, typer.Option(min=1, help="How many recent rounds to show.")] = 10,
 ) -> None:
     """Show a deployed run's rounds, participants, stragglers and refused messages."""
-    from fedtune.deploy.server import STATE_FILE
     from fedtune.errors import StateError
     from fedtune.status import status_lines
-    from fedtune.store import REFUSED_EVENT_PREFIX, Store
+    from fedtune.store import REFUSED_EVENT_PREFIX, STATE_FILE, Store
 
     path = run_dir / STATE_FILE
     if not path.is_file():
         raise StateError(f"no {STATE_FILE} in {run_dir}; pass the run directory of a `fedtune server` run")
-    with Store(path) as store:
+    with Store(path, read_only=True) as store:
         refusals = store.latest_events(REFUSED_EVENT_PREFIX, last=10)
         lines = status_lines(store.rounds(), store.event_counts(), last=rounds, refusals=refusals)
     console.print("\n".join(lines), highlight=False, markup=False, soft_wrap=True)
+
+
+@app.command("dashboard")
+def dashboard_command(
+    run_dir: Annotated[Path, typer.Argument(help="A run's directory (runs/<run.name>, or run.dir).")] = Path(
+        "runs/default"
+    ),
+    port: Annotated[
+        int, typer.Option(min=0, max=65535, help="The port to listen on (0: any free one).")
+    ] = 8050,
+    host: Annotated[
+        str, typer.Option(help="Where to listen; anything but loopback requires the printed token.")
+    ] = "127.0.0.1",
+) -> None:
+    """Serve a live page of a run (simulation or deployment) while it happens; read-only; Ctrl-C stops."""
+    import threading
+
+    from fedtune.errors import ConfigError
+
+    if not run_dir.is_dir():
+        raise ConfigError(f"no run directory at {run_dir}: pass the folder a run writes (runs/<run.name>)")
+    with _dashboard(run_dir, host, port):
+        try:
+            threading.Event().wait()
+        except KeyboardInterrupt:
+            console.print("dashboard stopped")
+
+
+@contextmanager
+def _dashboard(run_dir: Path, host: str, port: int) -> Iterator[None]:
+    """The run's dashboard in a daemon thread for the body of the `with`; says where, and the token."""
+    from fedtune.dashboard import DashboardServer
+
+    with DashboardServer(run_dir, host=host, port=port) as page:
+        console.print(f"dashboard of {run_dir}: {page.url}", highlight=False, markup=False)
+        if page.token is not None:
+            console.print(
+                f"dashboard token (the page asks for it): {page.token}", highlight=False, markup=False
+            )
+        yield
 
 
 def _grpc_log(verbose: bool) -> None:

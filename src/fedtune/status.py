@@ -1,8 +1,14 @@
-"""`fedtune status`: a deployed run's state file as plain-text lines (rounds, stragglers, refusals)."""
+"""`fedtune status`: a deployed run's state file as plain-text lines (rounds, stragglers, refusals).
+
+`participation` and `refused_counts` are the readings of a round's participants and of the refused events
+that both `fedtune status` and the dashboard show (`fedtune.dashboard`).
+"""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 from fedtune.store import (
     REFUSED_EVENT_PREFIX,
@@ -34,35 +40,54 @@ def status_lines(
     return lines + tail
 
 
+@dataclass(frozen=True)
+class RoundParticipation:
+    """Who a round selected and where each stands: submitted, still waiting (a straggler once the round
+    closed), or another status the server gave (refused, dropped, ...)."""
+
+    selected: int
+    submitted: int
+    stragglers: tuple[str, ...]  # selected or sent, no update (yet)
+    others: Mapping[str, int]  # status -> clients, for the statuses that are neither
+
+
+def participation(participants: list[Participant]) -> RoundParticipation:
+    others: dict[str, int] = {}
+    for p in participants:
+        if p.status != SUBMITTED_STATUS and p.status not in WAITING_STATUSES:
+            others[p.status] = others.get(p.status, 0) + 1
+    return RoundParticipation(
+        selected=len(participants),
+        submitted=sum(p.status == SUBMITTED_STATUS for p in participants),
+        stragglers=tuple(p.client_id for p in participants if p.status in WAITING_STATUSES),
+        others=dict(sorted(others.items())),
+    )
+
+
+def refused_counts(events: dict[str, int]) -> dict[str, int]:
+    """Event kind -> count, for the kinds that are refused messages or connections."""
+    return {k: n for k, n in sorted(events.items()) if k.startswith(REFUSED_EVENT_PREFIX)}
+
+
 def _round_line(record: RoundRecord) -> str:
-    selected = len(record.participants)
-    submitted = sum(p.status == SUBMITTED_STATUS for p in record.participants)
-    stragglers = [p.client_id for p in record.participants if p.status in WAITING_STATUSES]
-    line = f"round {record.round_num:>4}  {record.status:<6}  submitted {submitted}/{selected}"
+    part = participation(record.participants)
+    stragglers = part.stragglers
+    line = f"round {record.round_num:>4}  {record.status:<6}  submitted {part.submitted}/{part.selected}"
     line += f"  stragglers {len(stragglers)}"
     if stragglers:
         shown = ", ".join(stragglers[:5])
         more = f" +{len(stragglers) - 5} more" if len(stragglers) > 5 else ""
         line += f" ({shown}{more})"
-    others = _other_statuses(record.participants)
-    if others:
-        line += f"  {others}"
+    if part.others:
+        line += "  " + ", ".join(f"{status} {n}" for status, n in part.others.items())
     reason = (record.metrics or {}).get("round_failed")
     if record.status == "failed" and reason:
         line += f"  reason: {reason}"
     return line
 
 
-def _other_statuses(participants: list[Participant]) -> str:
-    counts: dict[str, int] = {}
-    for p in participants:
-        if p.status != SUBMITTED_STATUS and p.status not in WAITING_STATUSES:
-            counts[p.status] = counts.get(p.status, 0) + 1
-    return ", ".join(f"{status} {n}" for status, n in sorted(counts.items()))
-
-
 def _event_lines(events: dict[str, int]) -> list[str]:
-    refused = {k: n for k, n in sorted(events.items()) if k.startswith(REFUSED_EVENT_PREFIX)}
+    refused = refused_counts(events)
     line = f"refused messages: {sum(refused.values())}"
     if refused:
         line += " (" + ", ".join(f"{k} {n}" for k, n in refused.items()) + ")"

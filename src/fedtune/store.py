@@ -10,6 +10,9 @@ What is notable:
   `BEGIN IMMEDIATE`. WAL with `synchronous=FULL` makes a committed round durable and lets `fedtune status`
   read while the server writes.
 - The schema version is `PRAGMA user_version`; a file of another version is refused, never migrated.
+- `Store(path, read_only=True)` (`fedtune status`, the dashboard) opens the file with SQLite's `mode=ro`:
+  it never writes the database (SQLite may add its `-wal`/`-shm` files beside a closed one), and under WAL
+  its short read transactions never block the server's writes.
 - Metrics are strict JSON: NaN and Inf are stored as null. DP state and `extra` round-trip exactly.
 
 Participant statuses, by convention: "selected" -> "sent" -> "submitted", or a terminal one the server names
@@ -33,6 +36,7 @@ from fedtune.checkpoint import Checkpoint, Encoded, decode_checkpoint, encode_ch
 from fedtune.errors import StateError
 
 SCHEMA_VERSION = 1
+STATE_FILE = "state.db"  # in the run directory
 WAITING_STATUSES = frozenset({"selected", "sent", "straggler"})
 SUBMITTED_STATUS = "submitted"
 REFUSED_EVENT_PREFIX = "refused"
@@ -102,18 +106,26 @@ class RoundRecord:
 class Store:
     """The state file of one run. Safe to call from several threads; every write is one transaction."""
 
-    def __init__(self, path: Path, *, create: bool = True) -> None:
+    def __init__(self, path: Path, *, create: bool = True, read_only: bool = False) -> None:
         self.path = Path(path)
-        if not create and not self.path.is_file():
+        self.read_only = read_only
+        if (read_only or not create) and not self.path.is_file():
             raise StateError(
                 f"no server state at {self.path}: start `fedtune server` first, or check run.dir"
             )
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._closed = False
-        self._conn = sqlite3.connect(self.path, check_same_thread=False, timeout=30.0)
+        if read_only:
+            uri = f"{self.path.resolve().as_uri()}?mode=ro"
+            self._conn = sqlite3.connect(uri, uri=True, check_same_thread=False, timeout=5.0)
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._conn = sqlite3.connect(self.path, check_same_thread=False, timeout=30.0)
         try:
-            self._setup()
+            if read_only:
+                self._check_version()
+            else:
+                self._setup()
         except sqlite3.DatabaseError as err:
             self._conn.close()
             raise StateError(
@@ -145,6 +157,17 @@ class Store:
                     f"{SCHEMA_VERSION}: use the fedtune version that wrote it, or choose another run.dir"
                 )
 
+    def _check_version(self) -> None:
+        """A read-only open: the schema must be this version's already (nothing is created or migrated)."""
+        version = self._user_version()
+        if version == 0:
+            raise StateError(f"{self.path} is not a fedtune state file: pass a `fedtune server` run's")
+        if version != SCHEMA_VERSION:
+            raise StateError(
+                f"{self.path} has state schema version {version}, this fedtune reads version "
+                f"{SCHEMA_VERSION}: use the fedtune version that wrote it"
+            )
+
     def _user_version(self) -> int:
         return int(self._conn.execute("PRAGMA user_version").fetchone()[0])
 
@@ -153,6 +176,8 @@ class Store:
         """A write transaction; rolled back if the body raises."""
         with self._lock:
             self._check_open()
+            if self.read_only:
+                raise StateError(f"{self.path} was opened read-only; open a Store without read_only to write")
             with self._conn:
                 self._conn.execute("BEGIN IMMEDIATE")
                 yield self._conn
@@ -294,6 +319,24 @@ class Store:
             )
             for r, status, started, finished, metrics in rows
         ]
+
+    def latest_round(self) -> RoundRecord | None:
+        """The highest round with its participants (the one in flight while the server runs); None: none."""
+        with self._read() as conn:
+            row = conn.execute(
+                "SELECT round, status, started_at, finished_at, metrics_json FROM rounds "
+                "ORDER BY round DESC LIMIT 1"
+            ).fetchone()
+            if row is None:
+                return None
+            parts = conn.execute(
+                "SELECT client_id, status, detail FROM participants WHERE round = ? ORDER BY rowid", (row[0],)
+            ).fetchall()
+        r, status, started, finished, metrics = row
+        participants = [Participant(c, s, d) for c, s, d in parts]
+        return RoundRecord(
+            r, status, started, finished, loads(metrics, f"metrics of round {r}"), participants
+        )
 
     def completed_rounds(self) -> int:
         """The highest round that is done or failed; 0 if none."""

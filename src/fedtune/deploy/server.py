@@ -36,7 +36,7 @@ from fedtune.round.plan import DpRandomness
 from fedtune.round.results import RoundResult
 from fedtune.round.transport import Interrupted
 from fedtune.rundir import RunDir, summary
-from fedtune.store import REFUSED_EVENT_PREFIX, Checkpoint, Store
+from fedtune.store import REFUSED_EVENT_PREFIX, STATE_FILE, Checkpoint, Store
 from fedtune.transport.channel import grpc_options
 from fedtune.transport.coordinator import Coordinator
 from fedtune.transport.grpc_transport import GrpcTransport
@@ -45,7 +45,6 @@ from fedtune.transport.service import FederationService
 from fedtune.transport.tls import server_credentials, warn_insecure
 
 log = logging.getLogger("fedtune.server")
-STATE_FILE = "state.db"
 
 
 @dataclass
