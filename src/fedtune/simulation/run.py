@@ -172,8 +172,8 @@ def setup(
         )
     seed = config.run.seed
     model_dir, tokenizer, clients = load_population(config, notify)
-    local = load_model(config, model_dir, tokenizer.pad_token_id)
     planted = plant(config, clients, tokenizer, notify)  # canaries join the population after the real clients
+    local = load_model(config, model_dir, tokenizer.pad_token_id)
     real = len(clients)
     population = clients if planted is None else planted.clients
     resolved = resolve_simulation(config, population, local, dp_randomness, evaluators=real)
