@@ -115,6 +115,44 @@ def compare_arms(
     console.print(f"report: {outcome.folder / 'report.md'}")
 
 
+@app.command("audit")
+def audit(config: ConfigArg = None, set_: SetOption = None) -> None:
+    """Empirical privacy: run the simulation with [audit]'s canaries planted, and put the epsilon lower
+    bound they give next to the accountant's; writes runs/<name>/ with audit.json."""
+    from fedtune.config import load_config
+
+    cfg = load_config(config, ["audit.enabled=true", *(set_ or [])])
+    _quiet_libraries()
+    from fedtune.progress import RichObserver
+    from fedtune.simulation import simulate
+
+    with RichObserver(console) as observer:
+        result = simulate(cfg, observer, notify=lambda msg: console.print(f"[dim]{escape(msg)}[/dim]"))
+    a = result.audit
+    if a is None:  # audit.enabled is set above
+        raise FedtuneError("the run ended without an audit")
+    w = a.white_box
+    accounted = "privacy off" if a.accounted_epsilon is None else f"{a.accounted_epsilon:.3g}"
+    lines = [
+        f"epsilon lower bound {w.epsilon:.3f} at {w.confidence:.0%} confidence, delta {a.delta:.3g} "
+        f"(delta 0: {a.pure_epsilon:.3f}); accountant: {accounted}",
+        f"{w.canaries} canaries, {w.included} included; {w.guesses} guessed included, {w.correct} correctly",
+    ]
+    if a.exposures is not None and (a.exposures.inserted or a.exposures.controls):
+        e = a.exposures
+        mean = [f"{sum(v) / len(v):.2f}" if v else "-" for v in (e.inserted, e.controls)]
+        lines.append(
+            f"canary text exposure (of {e.max_possible:.2f} bits): inserted {mean[0]} mean, "
+            f"not inserted {mean[1]} mean"
+        )
+    if a.exceeds_accountant:
+        lines.append("the lower bound EXCEEDS the accounted epsilon: the DP code or its accounting is wrong")
+    console.print("\n".join(lines), highlight=False, markup=False)
+    console.print(f"audit: {result.run_dir / 'audit.json'}   report: {result.run_dir / 'report.md'}")
+    if a.exceeds_accountant:
+        raise typer.Exit(1)
+
+
 @app.command()
 def generate(
     prompt: Annotated[str, typer.Argument(help="Text to continue.")],

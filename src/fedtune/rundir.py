@@ -80,6 +80,7 @@ class RunDir:
         self.personal_root = path / "personal"
         self.clients_file = path / "clients.json"
         self.graph_file = path / "graph.json"  # a decentralized run's neighbour lists
+        self.audit_file = path / "audit.json"  # with [audit]
 
     def create(self, config: Config) -> None:
         """Start a fresh run directory (an earlier run's metrics are replaced)."""
@@ -88,6 +89,7 @@ class RunDir:
         self.metrics_file.write_text("")
         shutil.rmtree(self.personal_root, ignore_errors=True)  # an earlier run's personal adapters
         self.graph_file.unlink(missing_ok=True)  # an earlier decentralized run's graph
+        self.audit_file.unlink(missing_ok=True)  # an earlier run's audit
 
     def append(self, result: RoundResult) -> None:
         self.append_row(result.to_row())
@@ -121,3 +123,10 @@ class RunDir:
         """clients.json and the report over every row in metrics.jsonl."""
         self.write_client_eval(client_eval)
         write_report(self.path, self.read_metrics(), client_eval, title=title, summary=settings)
+
+    def write_audit(self, audit: dict[str, Any], section: list[str]) -> None:
+        """audit.json, and the audit's section at the end of the report (after `finish`)."""
+        self.audit_file.write_text(json.dumps(json_safe(audit), indent=1))
+        report = self.path / "report.md"
+        text = report.read_text(encoding="utf-8") if report.is_file() else ""
+        report.write_text(text.rstrip("\n") + "\n\n" + "\n".join(section), encoding="utf-8")

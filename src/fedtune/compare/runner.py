@@ -54,6 +54,11 @@ def compare(
             f"centralized training; attack.kind = {config.attack.kind!r} and federation.topology = "
             f"{config.federation.topology!r} ask another question: use fedtune run for them"
         )
+    if config.audit.enabled:
+        raise ConfigError(
+            "fedtune compare with audit.enabled: the audit's canary clients would join every arm's "
+            "population; audit the federated run alone (fedtune audit CONFIG) and compare without [audit]"
+        )
     folder = config.run.resolved_dir / "compare"
     runs: list[ArmRun] = []
     tokens: dict[str, int] = {}

@@ -53,6 +53,8 @@ def check(
     if config.personalize.method != "none":
         _check_personalize(config)
     _check_simulation(config, mode)
+    if config.audit.enabled:
+        _check_audit(config, mode)
     _check_deploy_lists(config)
     notes += check_topology(config, mode, population)
     return notes + check_composable(
@@ -66,10 +68,17 @@ def check(
 def cohort_bound(config: Config, population: int | None = None) -> int | None:
     """The most clients a round samples, when it is known (or `population` is given)."""
     fed = config.federation
-    size = population if population is not None else fed.num_clients
+    size = population if population is not None else _with_canaries(config, fed.num_clients)
     if fed.fraction_per_round is not None:
         return None if size == "all" else max(1, round(fed.fraction_per_round * size))
     return fed.clients_per_round if size == "all" else min(fed.clients_per_round, size)
+
+
+def _with_canaries(config: Config, num_clients: int | Literal["all"]) -> int | Literal["all"]:
+    """The population with an audit's canary clients, which are sampled like the real ones."""
+    if num_clients == "all" or not config.audit.enabled:
+        return num_clients
+    return num_clients + config.audit.canaries
 
 
 def is_folder(source: str) -> bool:
@@ -79,10 +88,12 @@ def is_folder(source: str) -> bool:
 def _check_federation(config: Config, population: int | None) -> None:
     fed = config.federation
     star = fed.topology == "star"  # a decentralized federation trains every client: no cohort
-    if star and isinstance(fed.num_clients, int) and fed.clients_per_round > fed.num_clients:
+    size = _with_canaries(config, fed.num_clients)
+    if star and isinstance(size, int) and fed.clients_per_round > size:
+        canaries = f" + audit.canaries = {config.audit.canaries}" if size != fed.num_clients else ""
         raise ConfigError(
             f"federation.clients_per_round = {fed.clients_per_round} exceeds "
-            f"federation.num_clients = {fed.num_clients}; lower it or raise num_clients"
+            f"federation.num_clients = {fed.num_clients}{canaries}; lower it or raise num_clients"
         )
     cohort = cohort_bound(config, population)
     if cohort is not None and fed.min_clients > cohort:
@@ -453,6 +464,30 @@ def _check_simulation(config: Config, mode: Mode | None) -> None:
         raise ConfigError(
             f"simulation.ray_address = {sim.ray_address!r} with simulation.backend = {sim.backend!r}: set "
             "simulation.backend = 'ray', or remove the address"
+        )
+
+
+def _check_audit(config: Config, mode: Mode | None) -> None:
+    """What an audit cannot run with, with the reason (it reads only the final adapter, so secure
+    aggregation, compression and robust rules are fine)."""
+    audit = config.audit
+    if mode == "deploy":
+        raise ConfigError(
+            "audit.enabled plants canary clients and canary texts in a simulated run; a deployment's "
+            "clients are real and its server cannot plant any: audit a simulation of this config "
+            "(fedtune audit CONFIG), and set audit.enabled = false for fedtune server"
+        )
+    if config.federation.topology != "star":
+        raise ConfigError(
+            f"audit.enabled with federation.topology = {config.federation.topology!r}: the audit scores "
+            "its canaries against the global adapter, which a decentralized federation does not have; "
+            "set federation.topology = 'star'"
+        )
+    if config.privacy.mode != "off" and audit.delta is not None:
+        raise ConfigError(
+            f"audit.delta = {audit.delta:g} with privacy.mode = {config.privacy.mode!r}: the bound is "
+            "compared with the accountant's epsilon at the accountant's delta; remove audit.delta and "
+            "set privacy.delta"
         )
 
 

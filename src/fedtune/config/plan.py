@@ -103,10 +103,12 @@ def resolve(
     largest_weight: int | None = None,
     dp_state: dict[str, Any] | None = None,
     dp_randomness: DpRandomness | None = None,
+    evaluators: int | None = None,
 ) -> Resolved:
     """The run's plan once its sizes are known. `largest_weight`: the largest client's training examples
     (a simulation knows it; it bounds secure aggregation's encoding when data.max_examples_per_client is
-    'all'). `dp_state`: a checkpoint's DP state to resume from."""
+    'all'). `dp_state`: a checkpoint's DP state to resume from. `evaluators`: only the first this many
+    clients of the population may evaluate (an audit's canary clients, last, never do); default all."""
     notes = check(config, mode, population=len(population), max_weight=largest_weight)
     profiles = resolve_profiles(config.clients, population, config.run.seed)
     fed, sa = config.federation, config.secure_aggregation
@@ -163,7 +165,9 @@ def resolve(
         selected=selected,
         min_clients=fed.min_clients,
         eval_every=config.eval.every,
-        eval_members=eval_members(len(population), config.eval.max_clients, config.data_seed),
+        eval_members=eval_members(
+            len(population) if evaluators is None else evaluators, config.eval.max_clients, config.data_seed
+        ),
         weights=weights,
         compression=compression,
         adapter_numel=adapter_numel,

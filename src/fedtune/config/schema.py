@@ -4,7 +4,8 @@
 `[model]` `[lora]` (model.settings), `[data]` (data.settings), `[federation]` `[eval]` `[personalize]`
 `[simulation]` (round.settings), `[clients]` (round.profiles), `[train]` (train.settings), `[server]`
 (aggregate.settings), `[secure_aggregation]` (secagg.settings), `[compression]` (compress.settings),
-`[privacy]` `[dpsgd]` (privacy.settings), `[attack]` (attack.settings), `[deploy]` (transport.settings).
+`[privacy]` `[dpsgd]` (privacy.settings), `[attack]` (attack.settings), `[audit]` (audit.settings), `[deploy]`
+(transport.settings).
 The rules that span sections are in `checks`; loading and overrides in `load`.
 """
 
@@ -16,6 +17,7 @@ from pydantic import Field
 
 from fedtune.aggregate.settings import ServerConfig
 from fedtune.attack.settings import AttackConfig
+from fedtune.audit.settings import AuditConfig
 from fedtune.compress.settings import CompressionConfig
 from fedtune.data.settings import DataConfig
 from fedtune.model.settings import LoraSettings, ModelConfig
@@ -60,6 +62,7 @@ class Config(Section):
     personalize: PersonalizeConfig = PersonalizeConfig()
     simulation: SimulationConfig = SimulationConfig()
     attack: AttackConfig = AttackConfig()
+    audit: AuditConfig = AuditConfig()
     deploy: DeployConfig = DeployConfig()
 
     @property

@@ -22,7 +22,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+import torch
+
 from fedtune.aggregate import AggregationRule, ServerOptimizer, make_aggregator
+from fedtune.audit.results import AuditResult
 from fedtune.config import Config
 from fedtune.config.plan import Resolved, participant_spec, resolve
 from fedtune.data import ClientData, load_clients
@@ -40,6 +43,7 @@ from fedtune.round.transport import Phase
 from fedtune.rundir import RunDir, client_changes, summary
 from fedtune.seeding import numpy_rng
 from fedtune.simulation.attack import AttackMonitor, arm
+from fedtune.simulation.audit import AuditMonitor, audit_delta, plant
 from fedtune.simulation.workers import ClientFactory, executor_for
 from fedtune.train.local import LocalModel
 
@@ -73,6 +77,7 @@ class RunResult:
     num_clients: int
     adapter_numel: int
     notes: list[str] = field(default_factory=list)
+    audit: AuditResult | None = None  # with [audit]
 
 
 def total_steps(config: Config, clients: list[ClientData], cohort: int) -> int:
@@ -101,9 +106,14 @@ def load_population(
 
 
 def resolve_simulation(
-    config: Config, clients: list[ClientData], local: LocalModel, dp_randomness: DpRandomness | None = None
+    config: Config,
+    clients: list[ClientData],
+    local: LocalModel,
+    dp_randomness: DpRandomness | None = None,
+    evaluators: int | None = None,
 ) -> Resolved:
-    """The run's plan for these clients and this model (`config.plan.resolve` in simulation mode)."""
+    """The run's plan for these clients and this model (`config.plan.resolve` in simulation mode);
+    `evaluators`: only the first this many clients evaluate (an audit's canaries come after them)."""
     return resolve(
         config,
         "simulate",
@@ -112,6 +122,7 @@ def resolve_simulation(
         layout=local.adapter.layout,
         largest_weight=max(len(c.train) for c in clients),
         dp_randomness=dp_randomness,
+        evaluators=evaluators,
     )
 
 
@@ -130,6 +141,8 @@ class Setup:
     transport: InProcessTransport
     clock: SimulatedClock | None = None  # with [clients] profiles or federation.round_deadline_s
     attack: AttackMonitor | None = None  # with [attack]
+    audit: AuditMonitor | None = None  # with [audit]
+    initial: torch.Tensor | None = None  # the global adapter before round 0 (with [audit])
 
     def close(self) -> None:
         """Stop the pool's workers, if any (the serial executor has none)."""
@@ -159,8 +172,12 @@ def setup(
         )
     seed = config.run.seed
     model_dir, tokenizer, clients = load_population(config, notify)
+    planted = plant(config, clients, tokenizer, notify)  # canaries join the population after the real clients
     local = load_model(config, model_dir, tokenizer.pad_token_id)
-    resolved = resolve_simulation(config, clients, local, dp_randomness)
+    real = len(clients)
+    population = clients if planted is None else planted.clients
+    resolved = resolve_simulation(config, population, local, dp_randomness, evaluators=real)
+    clients = population[:real]
     config = resolved.config
     for note in resolved.notes:
         notify(note)
@@ -180,8 +197,10 @@ def setup(
     armed = arm(config, clients, tokenizer, cohort=resolved.plan.cohort)
     if armed is not None:
         clients = armed.clients
+    clients = [*clients, *population[real:]]
     plan = None if armed is None else armed.plan
-    factory = ClientFactory.over(config, local, model_dir, run_dir.personal_root, shares, plan)
+    canaries = None if planted is None else planted.monitor.canaries
+    factory = ClientFactory.over(config, local, model_dir, run_dir.personal_root, shares, plan, canaries)
 
     def client_for(member: Member) -> tuple[ClientData, ParticipantSpec]:
         return clients[member.index], spec_for(spec, profiles[member.client_id])
@@ -215,7 +234,11 @@ def setup(
         notify=notify,
     )
     monitor = None if armed is None else armed.monitor
-    return Setup(config, clients, model_dir, local, engine, run_dir, states, transport, clock, monitor)
+    audit = None if planted is None else planted.monitor
+    initial = None if planted is None else engine.global_flat.clone()
+    return Setup(
+        config, clients, model_dir, local, engine, run_dir, states, transport, clock, monitor, audit, initial
+    )
 
 
 def simulate(
@@ -274,6 +297,12 @@ def run_setup(s: Setup, observer: Observer, started: float) -> RunResult:
     )
     title = f"fedtune run `{s.config.run.name}`"
     s.run_dir.finish(client_changes(evaluated[0], evaluated[-1]), title=title, settings=settings)
+    audit = None
+    if s.audit is not None and s.initial is not None:
+        privacy = next((r.privacy for r in reversed(results) if r.privacy is not None), None)
+        delta = audit_delta(s.config, len(s.clients))
+        audit = s.audit.finish(s.local, s.initial, s.engine.global_flat, privacy=privacy, delta=delta)
+        s.run_dir.write_audit(audit.to_json(), audit.lines())
     return RunResult(
         run_dir=s.run_dir.path,
         rounds=results,
@@ -283,4 +312,5 @@ def run_setup(s: Setup, observer: Observer, started: float) -> RunResult:
         num_clients=len(s.clients),
         adapter_numel=numel,
         notes=s.engine.notes,
+        audit=audit,
     )

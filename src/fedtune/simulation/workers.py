@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from fedtune.attack import AttackPlan, PoisonedTrainer
+from fedtune.audit.canary import CanaryPlan, CanaryTrainer
 from fedtune.config import Config
 from fedtune.data import ClientData
 from fedtune.local import load_model, make_personal_trainer, make_trainer
@@ -37,7 +38,8 @@ from fedtune.train.local import LocalModel, LocalTrainer, Trainer
 @dataclass
 class ClientFactory:
     """Participants over one loaded model (`round.worker.ParticipantFactory`); an attacker's (`[attack]`)
-    trains with the honest trainer wrapped in its poisoning."""
+    trains with the honest trainer wrapped in its poisoning, an audit's canary (`[audit]`) sends its
+    fixed update instead of training."""
 
     local: LocalModel
     trainer: Trainer
@@ -47,6 +49,7 @@ class ClientFactory:
     noise_rng: np.random.Generator | None  # distributed DP's shares (None: no distributed DP)
     attack: AttackPlan | None = None
     poisoned: PoisonedTrainer | None = None  # the attackers' trainer (one: it keeps the colluders' pool)
+    canaries: CanaryPlan | None = None
 
     @classmethod
     def over(
@@ -57,10 +60,11 @@ class ClientFactory:
         personal_root: Path,
         noise_rng: np.random.Generator | None,
         attack: AttackPlan | None = None,
+        canaries: CanaryPlan | None = None,
     ) -> ClientFactory:
         trainer, personal = make_trainer(config, local), make_personal_trainer(config, local)
         poisoned = None if attack is None else PoisonedTrainer(trainer, attack)
-        return cls(local, trainer, personal, model_dir, personal_root, noise_rng, attack, poisoned)
+        return cls(local, trainer, personal, model_dir, personal_root, noise_rng, attack, poisoned, canaries)
 
     def keep_personal(self, client_id: str, flat: torch.Tensor) -> None:
         folder = client_dir(self.personal_root, client_id)
@@ -73,9 +77,11 @@ class ClientFactory:
         states: ClientStateStore,
         on_step: Callable[[float], None],
     ) -> Participant:
-        trainer = self.trainer
+        trainer: Trainer = self.trainer
         if self.poisoned is not None and self.poisoned.plan.attacks(data.client_id):
             trainer = self.poisoned
+        if self.canaries is not None and self.canaries.holds(data.client_id):
+            trainer = CanaryTrainer(self.canaries, self.trainer.pad_id)
         return Participant(
             data,
             self.local,
@@ -99,12 +105,15 @@ class SimulationRecipe:
     pad_id: int
     noise_shares: bool  # distributed DP: the worker draws its clients' shares from the OS
     attack: AttackPlan | None = None
+    canaries: CanaryPlan | None = None
 
     def build(self) -> ClientFactory:
         model_dir = resolve_model_dir(self.config.model.name)
         local = load_model(self.config, model_dir, self.pad_id)
         rng = os_entropy_rng() if self.noise_shares else None
-        return ClientFactory.over(self.config, local, model_dir, self.personal_root, rng, self.attack)
+        return ClientFactory.over(
+            self.config, local, model_dir, self.personal_root, rng, self.attack, self.canaries
+        )
 
 
 @dataclass(frozen=True)
@@ -120,7 +129,13 @@ class Inherited:
         parent = self.factory
         rng = None if parent.noise_rng is None else os_entropy_rng()
         return ClientFactory.over(
-            self.config, parent.local, parent.model_dir, parent.personal_root, rng, parent.attack
+            self.config,
+            parent.local,
+            parent.model_dir,
+            parent.personal_root,
+            rng,
+            parent.attack,
+            parent.canaries,
         )
 
 
@@ -146,6 +161,7 @@ def executor_for(
         factory.local.pad_id,
         factory.noise_rng is not None,
         factory.attack,
+        factory.canaries,
     )
     if sim.backend == "processes":
         from fedtune.round.processes import ProcessWorkers
