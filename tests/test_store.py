@@ -11,9 +11,10 @@ import torch
 
 import fedtune.store as store_module
 from fedtune.aggregate import ServerAdaptive
+from fedtune.checkpoint import Checkpoint
 from fedtune.errors import StateError
 from fedtune.status import status_lines
-from fedtune.store import Checkpoint, Store
+from fedtune.store import Store
 
 DP_STATE = {
     "accountant": {"version": 1, "accountant": "rdp", "history": [{"z": 1.1, "rounds": 3}]},
@@ -130,7 +131,8 @@ def test_crash_mid_round_resumes_from_last_finished_round(path):
 def test_killed_process_leaves_the_last_finished_round(path):
     script = f"""
 import os, torch
-from fedtune.store import Checkpoint, Store
+from fedtune.checkpoint import Checkpoint
+from fedtune.store import Store
 store = Store({str(path)!r})
 store.open_round(1, ["a"])
 store.finish_round(1, {{"loss": 1.0}}, Checkpoint(1, torch.ones(4), {{}}))

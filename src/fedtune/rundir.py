@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from fedtune.checkpoint import json_safe
 from fedtune.config import Config, to_toml
+from fedtune.jsonstate import json_safe
 from fedtune.report import write_report
 from fedtune.round.results import EvalSummary, RoundResult
 

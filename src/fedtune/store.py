@@ -30,10 +30,13 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from fedtune.checkpoint import Checkpoint, Encoded, decode_checkpoint, encode_checkpoint, loads, metrics_json
 from fedtune.errors import StateError
+from fedtune.jsonstate import loads, metrics_json
+
+if TYPE_CHECKING:  # checkpoints hold tensors: torch loads only where one is written or read
+    from fedtune.checkpoint import Checkpoint, Encoded
 
 SCHEMA_VERSION = 1
 STATE_FILE = "state.db"  # in the run directory
@@ -294,7 +297,7 @@ class Store:
     ) -> None:
         if checkpoint is not None and checkpoint.round_num != round_num:
             raise StateError(f"checkpoint of round {checkpoint.round_num} passed to close round {round_num}")
-        encoded = None if checkpoint is None else encode_checkpoint(checkpoint)
+        encoded = None if checkpoint is None else _encode(checkpoint)
         row_json = metrics_json(metrics)
         with self._write() as conn:
             _close_round(conn, round_num, status, row_json)
@@ -383,7 +386,7 @@ class Store:
 
     def save_checkpoint(self, checkpoint: Checkpoint) -> None:
         """Store a checkpoint outside a round, e.g. the initial adapter as round 0."""
-        encoded = encode_checkpoint(checkpoint)
+        encoded = _encode(checkpoint)
         with self._write() as conn:
             _insert_checkpoint(conn, checkpoint.round_num, encoded)
 
@@ -393,7 +396,11 @@ class Store:
                 "SELECT round, adapter, optimizer, dp_state, extra_json FROM checkpoints "
                 "ORDER BY round DESC LIMIT 1"
             ).fetchone()
-        return None if row is None else decode_checkpoint(*row, where=str(self.path))
+        if row is None:
+            return None
+        from fedtune.checkpoint import decode_checkpoint
+
+        return decode_checkpoint(*row, where=str(self.path))
 
     def keep_checkpoints(self, last: int = 2) -> None:
         """Delete all but the `last` newest checkpoints; the latest is always kept."""
@@ -420,6 +427,12 @@ def _close_round(conn: sqlite3.Connection, round_num: int, status: str, metrics_
     if row is None:
         raise StateError(f"round {round_num} was never opened; call open_round before finishing it")
     raise StateError(f"round {round_num} is already {row[0]}; a round finishes once")
+
+
+def _encode(checkpoint: Checkpoint) -> Encoded:
+    from fedtune.checkpoint import encode_checkpoint
+
+    return encode_checkpoint(checkpoint)
 
 
 def _insert_checkpoint(conn: sqlite3.Connection, round_num: int, encoded: Encoded) -> None:

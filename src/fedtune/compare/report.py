@@ -18,9 +18,9 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from fedtune.checkpoint import json_safe
 from fedtune.compare.results import Comparison
 from fedtune.compare.verdict import Verdict, arm_title, verdict_lines
+from fedtune.jsonstate import json_safe
 from fedtune.report import DASH, finite, fmt, fmt_mb, markdown_table, save_figure
 
 CHECK = "✓"

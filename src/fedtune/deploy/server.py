@@ -25,6 +25,7 @@ from pathlib import Path
 import grpc
 
 from fedtune.aggregate import AggregationRule, ServerOptimizer, make_aggregator
+from fedtune.checkpoint import Checkpoint
 from fedtune.config import Config, check, load_config_text, to_toml
 from fedtune.config.plan import resolve
 from fedtune.deploy.resume import changes, resumed_config
@@ -36,7 +37,7 @@ from fedtune.round.plan import DpRandomness
 from fedtune.round.results import RoundResult
 from fedtune.round.transport import Interrupted
 from fedtune.rundir import RunDir, summary
-from fedtune.store import REFUSED_EVENT_PREFIX, STATE_FILE, Checkpoint, Store
+from fedtune.store import REFUSED_EVENT_PREFIX, STATE_FILE, Store
 from fedtune.transport.channel import grpc_options
 from fedtune.transport.coordinator import Coordinator
 from fedtune.transport.grpc_transport import GrpcTransport
