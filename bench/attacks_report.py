@@ -44,59 +44,49 @@ def change(cell: dict, clean: dict) -> float:
     return 100.0 * (ours - theirs) / theirs
 
 
-def table(cells: dict[str, dict], fraction: int, clean: dict) -> list[str]:
-    lines = [
-        f"| {fraction}% attackers | " + " | ".join(RULES) + " |",
-        "| --- |" + " --- |" * len(RULES),
+def figure(cell: dict | None, clean: dict) -> str:
+    """A cell's entry: the clean loss change; a backdoor's greedy success after it; the share of
+    neighbour adapters BALANCE accepted over the run."""
+    if cell is None:
+        return "not run"
+    text = f"{change(cell, clean):+.1f}%"
+    if cell["attack"] == "backdoor" and cell["backdoor_success"] is not None:
+        text += f" / {100 * cell['backdoor_success']:.0f}%"
+    rates = [r for r in cell.get("acceptance_rate") or () if r is not None]
+    if cell["rule"] == "balance" and rates:
+        text += f" (accepts {100 * mean(rates):.0f}%)"
+    return text
+
+
+def grid(title: str, rules: list[str], rows: list[tuple[str, list[dict | None]]], clean: dict) -> list[str]:
+    lines = [f"| {title} | " + " | ".join(rules) + " |", "| --- |" + " --- |" * len(rules)]
+    return lines + [
+        f"| {label} | " + " | ".join(figure(c, clean) for c in cells) + " |" for label, cells in rows
     ]
-    for attack in ATTACKS:
-        row = []
-        for rule in RULES:
-            cell = cells.get(f"{fraction}-{attack}-{rule}")
-            if cell is None:
-                row.append("not run")
-                continue
-            text = f"{change(cell, clean):+.1f}%"
-            if attack == "backdoor" and cell["backdoor_success"] is not None:
-                text += f" / {100 * cell['backdoor_success']:.0f}%"
-            row.append(text)
-        lines.append(f"| {attack} | " + " | ".join(row) + " |")
-    return lines
+
+
+def table(cells: dict[str, dict], fraction: int, clean: dict) -> list[str]:
+    rows = [(a, [cells.get(f"{fraction}-{a}-{r}") for r in RULES]) for a in ATTACKS]
+    return grid(f"{fraction}% attackers", RULES, rows, clean)
 
 
 def clean_row(cells: dict[str, dict], clean: dict) -> list[str]:
-    row = []
-    for rule in RULES:
-        cell = cells.get(f"0-none-{rule}")
-        row.append("not run" if cell is None else f"{change(cell, clean):+.1f}%")
-    return ["| no attack | " + " | ".join(row) + " |"]
+    return grid("rule's cost", RULES, [("no attack", [cells.get(f"0-none-{r}") for r in RULES])], clean)
 
 
 def decentral_table(cells: dict[str, dict], fraction: int, clean: dict, suffix: str) -> list[str]:
     """BALANCE's sweep: per attack, gossip averaging against BALANCE, each the honest clients' loss change
     against the no-attack gossip run, the backdoor's success on the honest clients' own adapters, and the
     share of neighbour adapters accepted over the run."""
-    lines = [
-        f"| {fraction}% attackers | " + " | ".join(DECENTRAL_RULES) + " |",
-        "| --- |" + " --- |" * len(DECENTRAL_RULES),
+
+    def cell(attack: str, rule: str) -> dict | None:
+        name = f"dec-0-none-{rule}" if attack == "none" else f"dec-{fraction}-{attack}-{rule}"
+        return cells.get(name + (suffix if rule == "balance" else ""))
+
+    rows = [
+        ("no attack" if a == "none" else a, [cell(a, r) for r in DECENTRAL_RULES]) for a in ["none", *ATTACKS]
     ]
-    for attack in ["none", *ATTACKS]:
-        row = []
-        for rule in DECENTRAL_RULES:
-            name = f"dec-0-none-{rule}" if attack == "none" else f"dec-{fraction}-{attack}-{rule}"
-            cell = cells.get(name + (suffix if rule == "balance" else ""))
-            if cell is None:
-                row.append("not run")
-                continue
-            text = f"{change(cell, clean):+.1f}%"
-            if attack == "backdoor" and cell["backdoor_success"] is not None:
-                text += f" / {100 * cell['backdoor_success']:.0f}%"
-            rates = [r for r in cell["acceptance_rate"] or () if r is not None]
-            if rule == "balance" and rates:
-                text += f" (accepts {100 * mean(rates):.0f}%)"
-            row.append(text)
-        lines.append(f"| {'no attack' if attack == 'none' else attack} | " + " | ".join(row) + " |")
-    return lines
+    return grid(f"{fraction}% attackers", DECENTRAL_RULES, rows, clean)
 
 
 def heatmap(cells: dict[str, dict], clean: dict, out: Path) -> None:
