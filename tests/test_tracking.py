@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 import time
 from pathlib import Path
 
@@ -275,3 +276,52 @@ def test_a_failed_metric_write_is_raised_at_a_later_round_and_at_the_end_which_m
     assert client.terminated == ["FAILED"]
     tracker.close()  # closing after the failure does nothing more
     assert client.terminated == ["FAILED"]
+
+
+# ---- a deployed server -------------------------------------------------------------------------------
+
+
+@needs_tensorboard
+@needs_mlflow
+def test_a_deployed_server_logs_its_rounds_like_a_simulation(tracked_run, tmp_path):
+    from fedtune.deploy.site import run_client
+    from tests.deploy_fixtures import SITES, deploy_config, make_certs, make_site_data, running_server
+
+    uri = store_uri(tracked_run[1].run_dir)
+    certs, data = make_certs(tmp_path), make_site_data(tmp_path)
+    tracking = [*BOTH, f"tracking.mlflow_uri='{uri}'", "tracking.mlflow_experiment=deployed"]
+    config = deploy_config(tmp_path, certs, SITES, *tracking)
+    errors: list[BaseException] = []
+
+    def site(name: str, target: str) -> None:
+        try:
+            run_client(target, data[name], certs=certs / "clients" / name, give_up_after_s=30)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    with running_server(config) as server:
+        threads = [threading.Thread(target=site, args=(s, server.target), daemon=True) for s in SITES]
+        for t in threads:
+            t.start()
+        server.thread.join(timeout=120)
+        assert "result" in server.result, server.result.get("error")
+        for t in threads:
+            t.join(timeout=30)
+    assert not errors, errors
+    run_dir = tmp_path / "run"
+    expected = numeric(rows_of(run_dir))
+    assert [s for s, _ in expected["eval_loss"]] == [0, 2] and [s for s, _ in expected["bytes_up"]] == [
+        0,
+        1,
+        2,
+    ]
+    scalars_read = tensorboard_scalars(run_dir / "tensorboard")
+    client, runs = only_run(uri, "deployed")
+    assert [r.info.status for r in runs] == ["FINISHED"]
+    for key, points in expected.items():
+        assert [(s, pytest.approx(v, rel=1e-6)) for s, v in points] == scalars_read[key], key
+        assert (
+            sorted((m.step, m.value) for m in client.get_metric_history(runs[0].info.run_id, key)) == points
+        )
+    artifacts = {a.path for a in client.list_artifacts(runs[0].info.run_id, "adapter")}
+    assert {"adapter/adapter_config.json", "adapter/adapter_model.safetensors"} <= artifacts
