@@ -59,6 +59,7 @@ bench: install-dev
 	$(BIN)/python bench/privacy_utility.py
 	$(BIN)/python bench/deploy.py
 	$(BIN)/python bench/parallel.py
+	$(BIN)/python bench/trackers.py
 
 # the wire schema: regenerate after editing proto/fedtune_v2.proto (the generated module is committed)
 proto: install-dev
