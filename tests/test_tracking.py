@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import threading
 import time
 from pathlib import Path
@@ -22,6 +23,7 @@ from fedtune.simulation import simulate
 from fedtune.tracking import MAX_NESTED, metric_name, scalars
 from fedtune.tracking.settings import installed
 
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # before this file's own imports of mlflow
 EXTRA = "pip install 'fedtune[tracking]'"
 needs_tensorboard = pytest.mark.skipif(not installed("tensorboard"), reason=f"no tensorboard: {EXTRA}")
 needs_mlflow = pytest.mark.skipif(

@@ -31,6 +31,9 @@ if TYPE_CHECKING:
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
+# read when mlflow is first imported, which this module does only after it is itself imported
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
 _CUT = " ... (cut; the whole config is the run's config.toml artifact)"
 
 
@@ -39,7 +42,6 @@ def open_mlflow(
 ) -> MlflowTracker:
     """A new MLflow run named `run_name` in `experiment` (created if new, its artifacts in `artifact_dir`
     when given, else where the store puts them) at tracking URI `uri`."""
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # read when mlflow is first imported
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
