@@ -209,30 +209,43 @@ def test_a_decentralized_runs_per_client_losses_reach_tensorboard(tmp_path):
 
 @needs_tensorboard
 @needs_mlflow
-def test_a_stopped_run_is_marked_killed_and_a_resumed_one_replays_its_rows(tracked_run, tmp_path):
+def test_a_stopped_run_is_marked_killed_and_a_resumed_one_replays_its_rows(
+    tracked_run, tmp_path, monkeypatch
+):
     _, result = tracked_run
+    elsewhere = tmp_path / "working-directory"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # MLflow's own default puts a database's artifacts in ./mlruns
+    folder = tmp_path / "run"
     uri = store_uri(result.run_dir)  # the module run's store: its tables already exist
     config = load_config(
         None,
-        [*BOTH, f"tracking.mlflow_uri='{uri}'", "tracking.mlflow_experiment=resumed", f"run.dir={tmp_path}"],
+        [
+            *BOTH,
+            f"tracking.mlflow_uri='{uri}'",
+            "tracking.mlflow_experiment=resumed",
+            f"run.dir={folder}",
+        ],
     )
     rows = [{"round": 0, "eval_loss": 2.0, "train_loss": None}, {"round": 1, "eval_loss": 1.5}]
-    run_dir = RunDir(tmp_path)
+    run_dir = RunDir(folder)
     run_dir.create(config)
     run_dir.append_row(rows[0])
     run_dir.close()  # a server stopped (or a run crashed) after round 0
-    run_dir = RunDir(tmp_path)
+    run_dir = RunDir(folder)
     run_dir.rewrite(config, rows[:1])  # `fedtune server --resume`: the stored rows again
     run_dir.append_row(rows[1])
-    (tmp_path / "adapter").mkdir()
-    (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
+    (folder / "adapter").mkdir()
+    (folder / "adapter" / "adapter_config.json").write_text("{}")
     run_dir.finish({}, title="resumed", settings={})
     client, runs = only_run(uri, "resumed")
     assert [r.info.status for r in runs] == ["KILLED", "FINISHED"]
+    beside_the_store = (result.run_dir / "mlartifacts").resolve().as_uri()
+    assert runs[1].info.artifact_uri.startswith(beside_the_store) and not any(elsewhere.iterdir())
     history = [(m.step, m.value) for m in client.get_metric_history(runs[1].info.run_id, "eval_loss")]
     assert sorted(history) == [(0, 2.0), (1, 1.5)]
-    assert len(list((tmp_path / "tensorboard").iterdir())) == 1  # the stopped run's events are replaced
-    assert tensorboard_scalars(tmp_path / "tensorboard")["eval_loss"] == [(0, 2.0), (1, 1.5)]
+    assert len(list((folder / "tensorboard").iterdir())) == 1  # the stopped run's events are replaced
+    assert tensorboard_scalars(folder / "tensorboard")["eval_loss"] == [(0, 2.0), (1, 1.5)]
 
 
 @needs_mlflow

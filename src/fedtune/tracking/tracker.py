@@ -73,6 +73,17 @@ def default_mlflow_uri(run_dir: Path) -> str:
     return f"sqlite:///{(run_dir / MLFLOW_DB).resolve()}"
 
 
+def artifact_dir(uri: str | None, run_dir: Path) -> Path | None:
+    """Where a new MLflow experiment keeps its artifacts: beside a SQLite file (the default one is in the
+    run directory), in the run directory for another database, and where a tracking server puts them
+    (None) for a server. MLflow's own default for a database is ./mlruns in the working directory."""
+    if uri is not None and uri.split(":", 1)[0] in ("http", "https", "databricks", "databricks-uc"):
+        return None
+    if uri is not None and uri.startswith("sqlite:///"):
+        return Path(uri.removeprefix("sqlite:///")).parent / MLFLOW_ARTIFACTS
+    return run_dir / MLFLOW_ARTIFACTS
+
+
 def open_trackers(tracking: TrackingConfig, run_dir: Path, *, run_name: str) -> Trackers:
     """The trackers `tracking` turns on for the run in `run_dir` (its MLflow run named `run_name`, in the
     experiment `tracking.mlflow_experiment`, by default `run_name`)."""
@@ -85,13 +96,13 @@ def open_trackers(tracking: TrackingConfig, run_dir: Path, *, run_name: str) -> 
         if tracking.mlflow:
             from fedtune.tracking.mlflow import open_mlflow
 
-            default_store = tracking.mlflow_uri is None
+            uri = tracking.mlflow_uri
             opened.append(
                 open_mlflow(
-                    default_mlflow_uri(run_dir) if default_store else str(tracking.mlflow_uri),
+                    default_mlflow_uri(run_dir) if uri is None else uri,
                     tracking.mlflow_experiment or run_name,
                     run_name=run_name,
-                    artifact_dir=run_dir / MLFLOW_ARTIFACTS if default_store else None,
+                    artifact_dir=artifact_dir(uri, run_dir),
                     tags={"fedtune.run_dir": str(run_dir.resolve())},
                 )
             )
