@@ -20,7 +20,7 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed
-	$(BIN)/pip install --quiet -e '.[dev,ray]'
+	$(BIN)/pip install --quiet -e '.[dev,ray,tracking]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -59,6 +59,7 @@ bench: install-dev
 	$(BIN)/python bench/privacy_utility.py
 	$(BIN)/python bench/deploy.py
 	$(BIN)/python bench/parallel.py
+	$(BIN)/python bench/trackers.py
 
 # the wire schema: regenerate after editing proto/fedtune_v2.proto (the generated module is committed)
 proto: install-dev

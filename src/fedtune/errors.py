@@ -21,6 +21,10 @@ class PkiError(FedtuneError):
     """A certificate or key is missing, invalid, or would be overwritten."""
 
 
+class TrackingError(FedtuneError):
+    """An experiment tracker (TensorBoard, MLflow) could not record what the run gave it."""
+
+
 class StateError(FedtuneError):
     """The server's state file is missing, from another run, or inconsistent."""
 

@@ -5,6 +5,11 @@ All file writes of a run go through here, in simulation and deployment alike. Ty
 JSON rows here (`RoundResult.to_row`); `metrics.jsonl` is appended and flushed one round at a time, so a
 crashed run still shows every completed round. `finish` writes what a run ends with: each evaluated
 client's loss before and after (`clients.json`) and the report with its plots.
+
+The experiment trackers `[tracking]` turns on (`fedtune.tracking`) observe it: `create` (or a resumed
+deployment's `rewrite`, which replays the stored rows into new ones) opens them and gives them the resolved
+config, each row appended goes to them as written, `finish` gives them the saved adapter, and `close`
+ends a run that stopped before its end.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from fedtune.config import Config, to_toml
 from fedtune.jsonstate import json_safe
 from fedtune.report import write_report
 from fedtune.round.results import EvalSummary, RoundResult
+from fedtune.tracking import TENSORBOARD_DIR, Trackers, open_trackers
 
 
 def client_changes(before: EvalSummary | None, after: EvalSummary | None) -> dict[str, dict[str, float]]:
@@ -81,28 +87,43 @@ class RunDir:
         self.clients_file = path / "clients.json"
         self.graph_file = path / "graph.json"  # a decentralized run's neighbour lists
         self.audit_file = path / "audit.json"  # with [audit]
+        self.tensorboard_dir = path / TENSORBOARD_DIR  # with tracking.tensorboard
+        self.trackers = Trackers()  # none until `create` or `rewrite` opens what [tracking] asks for
 
     def create(self, config: Config) -> None:
-        """Start a fresh run directory (an earlier run's metrics are replaced)."""
+        """Start a fresh run directory (an earlier run's metrics are replaced; an MLflow store in it
+        keeps its earlier runs) and open the run's trackers."""
         self.path.mkdir(parents=True, exist_ok=True)
         (self.path / "config.toml").write_text(to_toml(config))
         self.metrics_file.write_text("")
         shutil.rmtree(self.personal_root, ignore_errors=True)  # an earlier run's personal adapters
         self.graph_file.unlink(missing_ok=True)  # an earlier decentralized run's graph
         self.audit_file.unlink(missing_ok=True)  # an earlier run's audit
+        self._track(config)
+
+    def _track(self, config: Config) -> None:
+        """Open the trackers `[tracking]` asks for (fresh TensorBoard files) and give them the config."""
+        self.trackers.close()
+        shutil.rmtree(self.tensorboard_dir, ignore_errors=True)
+        self.trackers = open_trackers(config.tracking, self.path, run_name=config.run.name)
+        self.trackers.log_params(config.model_dump(mode="json", exclude_none=True, by_alias=True))
 
     def append(self, result: RoundResult) -> None:
         self.append_row(result.to_row())
 
     def append_row(self, row: dict[str, Any]) -> None:
+        safe = json_safe(row)
         with self.metrics_file.open("a") as f:
-            f.write(json.dumps(json_safe(row)) + "\n")
+            f.write(json.dumps(safe) + "\n")
+        self.trackers.log_row(safe)
 
     def rewrite(self, config: Config, rows: Sequence[dict[str, Any]]) -> None:
-        """Replace config.toml and metrics.jsonl (a resumed deployment's, from its state file)."""
+        """Replace config.toml and metrics.jsonl (a resumed deployment's, from its state file); the
+        trackers start afresh (a new MLflow run) and are given every stored row again."""
         self.path.mkdir(parents=True, exist_ok=True)
         (self.path / "config.toml").write_text(to_toml(config))
         self.metrics_file.write_text("")
+        self._track(config)
         for row in rows:
             self.append_row(row)
 
@@ -120,9 +141,15 @@ class RunDir:
     def finish(
         self, client_eval: dict[str, dict[str, float]], *, title: str, settings: dict[str, str]
     ) -> None:
-        """clients.json and the report over every row in metrics.jsonl."""
+        """clients.json and the report over every row in metrics.jsonl; then the trackers are given the
+        saved adapter (call it after `save_adapter`) and closed."""
         self.write_client_eval(client_eval)
         write_report(self.path, self.read_metrics(), client_eval, title=title, summary=settings)
+        self.trackers.finish(self.adapter_dir)
+
+    def close(self) -> None:
+        """Close the trackers (a run that did not `finish` is marked as stopped); idempotent."""
+        self.trackers.close()
 
     def write_audit(self, audit: dict[str, Any], section: list[str]) -> None:
         """audit.json, and the audit's section at the end of the report (after `finish`)."""

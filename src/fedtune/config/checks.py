@@ -24,6 +24,7 @@ from fedtune.privacy.settings import check_accountable
 from fedtune.round.settings import SimulationConfig
 from fedtune.secagg.fixedpoint import check_overflow
 from fedtune.secagg.graph import resolve_neighbours
+from fedtune.tracking.settings import EXTRA, missing_packages
 
 Mode = Literal["simulate", "deploy"]
 _EMBEDDINGS = ("embed_tokens", "wte", "word_embeddings")
@@ -56,6 +57,8 @@ def check(
     if config.audit.enabled:
         _check_audit(config, mode)
     _check_deploy_lists(config)
+    if mode is not None:
+        _check_tracking(config)
     notes += check_topology(config, mode, population)
     return notes + check_composable(
         CompressionSpec.from_config(config.compression),
@@ -488,6 +491,20 @@ def _check_audit(config: Config, mode: Mode | None) -> None:
             f"audit.delta = {audit.delta:g} with privacy.mode = {config.privacy.mode!r}: the bound is "
             "compared with the accountant's epsilon at the accountant's delta; remove audit.delta and "
             "set privacy.delta"
+        )
+
+
+def _check_tracking(config: Config) -> None:
+    """The trackers a run turns on must be installed where it runs (checked when the run starts, not at
+    load: a deployed site validates the server's config and does not track)."""
+    missing = missing_packages(config.tracking)
+    if missing:
+        on = [
+            f"tracking.{name} = true" for name in ("tensorboard", "mlflow") if getattr(config.tracking, name)
+        ]
+        raise ConfigError(
+            f"{' and '.join(on)} need{'s' if len(on) == 1 else ''} {', '.join(missing)}, not installed here: "
+            f"{EXTRA} (or turn the tracker off)"
         )
 
 

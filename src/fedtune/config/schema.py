@@ -5,7 +5,7 @@
 `[simulation]` (round.settings), `[clients]` (round.profiles), `[train]` (train.settings), `[server]`
 (aggregate.settings), `[secure_aggregation]` (secagg.settings), `[compression]` (compress.settings),
 `[privacy]` `[dpsgd]` (privacy.settings), `[attack]` (attack.settings), `[audit]` (audit.settings), `[deploy]`
-(transport.settings).
+(transport.settings), `[tracking]` (tracking.settings).
 The rules that span sections are in `checks`; loading and overrides in `load`.
 """
 
@@ -26,6 +26,7 @@ from fedtune.round.profiles import ClientsConfig
 from fedtune.round.settings import EvalConfig, FederationConfig, PersonalizeConfig, SimulationConfig
 from fedtune.secagg.settings import SecureAggregationConfig
 from fedtune.section import PositiveInt, Section
+from fedtune.tracking.settings import TrackingConfig
 from fedtune.train.settings import TrainConfig
 from fedtune.transport.settings import DeployConfig
 
@@ -64,6 +65,7 @@ class Config(Section):
     attack: AttackConfig = AttackConfig()
     audit: AuditConfig = AuditConfig()
     deploy: DeployConfig = DeployConfig()
+    tracking: TrackingConfig = TrackingConfig()
 
     @property
     def data_seed(self) -> int:

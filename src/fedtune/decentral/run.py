@@ -128,74 +128,77 @@ def run_decentralized(
         notify(_describe_graph(config, graph))
         run_dir = RunDir(config.run.resolved_dir)
         run_dir.create(config)
-        run_dir.write_graph(by_client(graph, plan.population))
-
-        states, spec = ClientStateStore(), participant_spec(config)
-        armed = arm(config, clients, tokenizer, cohort=len(clients))
-        if armed is not None:
-            clients = armed.clients
-        attack = None if armed is None else armed.plan
-        factory = ClientFactory.over(config, local, model_dir, run_dir.personal_root, None, attack)
-
-        def client_for(member: Member) -> tuple[ClientData, ParticipantSpec]:
-            return clients[member.index], spec
-
-        executor = executor_for(config, factory, client_for, states, on_step=progress.step, notify=notify)
-        transport = InProcessTransport(executor=executor, on_work=progress.working)
-        engine = DecentralEngine(
-            plan, graph, neighbour_rule(config.server), transport, local.adapter.get(), notify=notify
-        )
-        progress.start(plan.rounds, total_steps(config, clients, len(clients)))
-        results: list[DecentralRound] = []
         try:
-            for result in engine.run():
-                if armed is not None:
-                    losses = None if result.eval is None else result.eval.per_client_loss
-                    adapters = dict(zip(plan.population, engine.adapters, strict=True))
-                    result = replace(result, attack=armed.monitor.peers(losses, local, adapters))
-                results.append(result)
-                run_dir.append_row(result.to_row())
-                on_round(result)
-        finally:
-            transport.close()
+            run_dir.write_graph(by_client(graph, plan.population))
 
-        evaluated = [r.eval for r in results if r.eval is not None]
-        if not evaluated:
-            raise ValueError("no round of the run was evaluated")  # round 0 and the last always are
-        before, after = evaluated[0], evaluated[-1]
-        best = min(after.per_client_loss, key=lambda cid: (after.per_client_loss[cid], cid))
-        index = plan.population.index(best)
-        save_adapter(local.model, local.adapter, engine.adapters[index], run_dir.adapter_dir, model_dir)
-        seconds = time.perf_counter() - started
-        settings = summary(
-            config,
-            num_clients=len(clients),
-            cohort=len(clients),
-            adapter_numel=local.adapter.numel,
-            seconds=seconds,
-        )
-        settings["aggregation"] = _describe_rule(config.server)
-        settings = {
-            "topology": _describe_graph(config, graph),
-            **settings,
-            "adapter": f"{best}'s own (the lowest final eval loss of {after.clients} clients)",
-        }
-        run_dir.finish(
-            _changes(before, after),
-            title=f"fedtune run `{config.run.name}` (decentralized)",
-            settings=settings,
-        )
-        return DecentralResult(
-            run_dir=run_dir.path,
-            rounds=results,
-            before=before,
-            after=after,
-            seconds=seconds,
-            num_clients=len(clients),
-            adapter_numel=local.adapter.numel,
-            adapter_client=best,
-            notes=engine.notes,
-        )
+            states, spec = ClientStateStore(), participant_spec(config)
+            armed = arm(config, clients, tokenizer, cohort=len(clients))
+            if armed is not None:
+                clients = armed.clients
+            attack = None if armed is None else armed.plan
+            factory = ClientFactory.over(config, local, model_dir, run_dir.personal_root, None, attack)
+
+            def client_for(member: Member) -> tuple[ClientData, ParticipantSpec]:
+                return clients[member.index], spec
+
+            executor = executor_for(config, factory, client_for, states, on_step=progress.step, notify=notify)
+            transport = InProcessTransport(executor=executor, on_work=progress.working)
+            engine = DecentralEngine(
+                plan, graph, neighbour_rule(config.server), transport, local.adapter.get(), notify=notify
+            )
+            progress.start(plan.rounds, total_steps(config, clients, len(clients)))
+            results: list[DecentralRound] = []
+            try:
+                for result in engine.run():
+                    if armed is not None:
+                        losses = None if result.eval is None else result.eval.per_client_loss
+                        adapters = dict(zip(plan.population, engine.adapters, strict=True))
+                        result = replace(result, attack=armed.monitor.peers(losses, local, adapters))
+                    results.append(result)
+                    run_dir.append_row(result.to_row())
+                    on_round(result)
+            finally:
+                transport.close()
+
+            evaluated = [r.eval for r in results if r.eval is not None]
+            if not evaluated:
+                raise ValueError("no round of the run was evaluated")  # round 0 and the last always are
+            before, after = evaluated[0], evaluated[-1]
+            best = min(after.per_client_loss, key=lambda cid: (after.per_client_loss[cid], cid))
+            index = plan.population.index(best)
+            save_adapter(local.model, local.adapter, engine.adapters[index], run_dir.adapter_dir, model_dir)
+            seconds = time.perf_counter() - started
+            settings = summary(
+                config,
+                num_clients=len(clients),
+                cohort=len(clients),
+                adapter_numel=local.adapter.numel,
+                seconds=seconds,
+            )
+            settings["aggregation"] = _describe_rule(config.server)
+            settings = {
+                "topology": _describe_graph(config, graph),
+                **settings,
+                "adapter": f"{best}'s own (the lowest final eval loss of {after.clients} clients)",
+            }
+            run_dir.finish(
+                _changes(before, after),
+                title=f"fedtune run `{config.run.name}` (decentralized)",
+                settings=settings,
+            )
+            return DecentralResult(
+                run_dir=run_dir.path,
+                rounds=results,
+                before=before,
+                after=after,
+                seconds=seconds,
+                num_clients=len(clients),
+                adapter_numel=local.adapter.numel,
+                adapter_client=best,
+                notes=engine.notes,
+            )
+        finally:
+            run_dir.close()  # a run that stopped before its end: its trackers say so
 
 
 def _changes(before: PeerEval, after: PeerEval) -> dict[str, dict[str, float]]:

@@ -106,6 +106,8 @@ def serve(
             _remove_state(path)  # a server that never started leaves no state file behind
         raise
     finally:
+        if server is not None:
+            server.close()
         store.close()
 
 
@@ -156,6 +158,12 @@ class _Server:
         self.serving = False  # the gRPC server started: from here on the state file is the run's
         self.handshakes = handshakes  # where refused TLS connections are read from, if anywhere
         self.layout_recorded: list[list[object]] = []  # the adapter's layout, as checkpoints record it
+        self.run_dir: RunDir | None = None  # from setup on: its trackers are closed by `close`
+
+    def close(self) -> None:
+        """Close the run directory's trackers (a run that did not finish is marked as stopped)."""
+        if self.run_dir is not None:
+            self.run_dir.close()
 
     def run(
         self,
@@ -186,7 +194,7 @@ class _Server:
             dp_randomness=dp_randomness,
         )
         config = resolved.config
-        run_dir = RunDir(config.run.resolved_dir)
+        run_dir = self.run_dir = RunDir(config.run.resolved_dir)
         layout = local.adapter.layout
         self.layout_recorded = layout.describe()
         reference = None

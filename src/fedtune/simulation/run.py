@@ -26,7 +26,7 @@ import torch
 
 from fedtune.aggregate import AggregationRule, ServerOptimizer, make_aggregator
 from fedtune.audit.results import AuditResult
-from fedtune.config import Config
+from fedtune.config import Config, check
 from fedtune.config.plan import Resolved, participant_spec, resolve
 from fedtune.data import ClientData, load_clients
 from fedtune.errors import ConfigError
@@ -145,8 +145,12 @@ class Setup:
     initial: torch.Tensor | None = None  # the global adapter before round 0 (with [audit])
 
     def close(self) -> None:
-        """Stop the pool's workers, if any (the serial executor has none)."""
-        self.transport.close()
+        """Stop the pool's workers, if any (the serial executor has none), and close the run directory's
+        trackers (a run that did not finish is marked as stopped)."""
+        try:
+            self.transport.close()
+        finally:
+            self.run_dir.close()
 
 
 def setup(
@@ -161,7 +165,8 @@ def setup(
     watch: Callable[[Member, object], None] = lambda _member, _reply: None,
 ) -> Setup:
     """Load the data (bad input is refused before the model loads), the model, resolve the run's plan,
-    and build the engine over the executor `[simulation]` names; writes the run directory's config.toml.
+    and build the engine over the executor `[simulation]` names; writes the run directory's config.toml
+    and opens its trackers.
     `watch(member, reply)` sees each client's replies (`fedtune compare` counts the steps each trains).
     A pool's workers run until `Setup.close`."""
     if config.federation.topology != "star":
@@ -173,16 +178,17 @@ def setup(
     seed = config.run.seed
     model_dir, tokenizer, clients = load_population(config, notify)
     planted = plant(config, clients, tokenizer, notify)  # canaries join the population after the real clients
+    population = clients if planted is None else planted.clients
+    # what `resolve` checks, before the model loads (a tracker's missing package is refused here)
+    check(config, "simulate", population=len(population), max_weight=max(len(c.train) for c in population))
     local = load_model(config, model_dir, tokenizer.pad_token_id)
     real = len(clients)
-    population = clients if planted is None else planted.clients
     resolved = resolve_simulation(config, population, local, dp_randomness, evaluators=real)
     clients = population[:real]
     config = resolved.config
     for note in resolved.notes:
         notify(note)
     run_dir = RunDir(config.run.resolved_dir)
-    run_dir.create(config)
 
     states, spec, profiles = ClientStateStore(), participant_spec(config), resolved.profiles
     shares = None if resolved.dp_randomness is None else resolved.dp_randomness.shares
@@ -236,6 +242,11 @@ def setup(
     monitor = None if armed is None else armed.monitor
     audit = None if planted is None else planted.monitor
     initial = None if planted is None else engine.global_flat.clone()
+    try:
+        run_dir.create(config)  # last: the trackers it opens are closed by Setup.close
+    except BaseException:
+        transport.close()  # a tracker that cannot open: the pool's workers stop
+        raise
     return Setup(
         config, clients, model_dir, local, engine, run_dir, states, transport, clock, monitor, audit, initial
     )
