@@ -195,8 +195,10 @@ def test_split_through_secure_aggregation_matches_the_plain_sum(tmp_path: Path) 
     )
     a = load_file(str(plain.run_dir / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(secure.run_dir / "adapter" / "adapter_model.safetensors"))
-    for name in a:  # fixed-point rounding of 20 bits over +-1: well under 1e-4 per value
-        assert torch.allclose(a[name], b[name], atol=1e-4), name
+    # fixed-point rounding of 20 bits over +-1 is 2e-6 per value a round; later rounds train from the
+    # rounded adapter, which carries it on (1.05e-4 at most here with transformers 5.24 / peft 0.21.2)
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=5e-4), (name, float((a[name] - b[name]).abs().max()))
     assert all(torch.count_nonzero(t) == 0 for k, t in b.items() if "lora_B" in k)
 
 
