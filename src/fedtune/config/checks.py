@@ -17,6 +17,7 @@ from fedtune.compress import CompressionSpec, check_composable
 from fedtune.config.schema import Config
 from fedtune.config.threats import check_threats
 from fedtune.config.topology import check_topology
+from fedtune.config.watching import check_audit, check_tracking
 from fedtune.data.settings import BUILTIN_SOURCES
 from fedtune.errors import ConfigError
 from fedtune.pki import CLIENT_ID_PATTERN
@@ -24,7 +25,6 @@ from fedtune.privacy.settings import check_accountable
 from fedtune.round.settings import SimulationConfig
 from fedtune.secagg.fixedpoint import check_overflow
 from fedtune.secagg.graph import resolve_neighbours
-from fedtune.tracking.settings import EXTRA, missing_packages
 
 Mode = Literal["simulate", "deploy"]
 _EMBEDDINGS = ("embed_tokens", "wte", "word_embeddings")
@@ -55,10 +55,10 @@ def check(
         _check_personalize(config)
     _check_simulation(config, mode)
     if config.audit.enabled:
-        _check_audit(config, mode)
+        check_audit(config, mode)
     _check_deploy_lists(config)
     if mode is not None:
-        _check_tracking(config)
+        check_tracking(config)
     notes += check_topology(config, mode, population)
     return notes + check_composable(
         CompressionSpec.from_config(config.compression),
@@ -467,44 +467,6 @@ def _check_simulation(config: Config, mode: Mode | None) -> None:
         raise ConfigError(
             f"simulation.ray_address = {sim.ray_address!r} with simulation.backend = {sim.backend!r}: set "
             "simulation.backend = 'ray', or remove the address"
-        )
-
-
-def _check_audit(config: Config, mode: Mode | None) -> None:
-    """What an audit cannot run with, with the reason (it reads only the final adapter, so secure
-    aggregation, compression and robust rules are fine)."""
-    audit = config.audit
-    if mode == "deploy":
-        raise ConfigError(
-            "audit.enabled plants canary clients and canary texts in a simulated run; a deployment's "
-            "clients are real and its server cannot plant any: audit a simulation of this config "
-            "(fedtune audit CONFIG), and set audit.enabled = false for fedtune server"
-        )
-    if config.federation.topology != "star":
-        raise ConfigError(
-            f"audit.enabled with federation.topology = {config.federation.topology!r}: the audit scores "
-            "its canaries against the global adapter, which a decentralized federation does not have; "
-            "set federation.topology = 'star'"
-        )
-    if config.privacy.mode != "off" and audit.delta is not None:
-        raise ConfigError(
-            f"audit.delta = {audit.delta:g} with privacy.mode = {config.privacy.mode!r}: the bound is "
-            "compared with the accountant's epsilon at the accountant's delta; remove audit.delta and "
-            "set privacy.delta"
-        )
-
-
-def _check_tracking(config: Config) -> None:
-    """The trackers a run turns on must be installed where it runs (checked when the run starts, not at
-    load: a deployed site validates the server's config and does not track)."""
-    missing = missing_packages(config.tracking)
-    if missing:
-        on = [
-            f"tracking.{name} = true" for name in ("tensorboard", "mlflow") if getattr(config.tracking, name)
-        ]
-        raise ConfigError(
-            f"{' and '.join(on)} need{'s' if len(on) == 1 else ''} {', '.join(missing)}, not installed here: "
-            f"{EXTRA} (or turn the tracker off)"
         )
 
 
