@@ -98,6 +98,19 @@ def test_calibration_round_trips():
     assert hand_built("rdp", "poisson", z * 0.99, 30) > 2.0  # a smaller z would overspend
 
 
+def test_calibration_and_rounds_use_the_bound_the_accountant_reports():
+    """At 48 of 66 the unsampled bound is the tighter one: the noise is calibrated to it (less noise than
+    the sampled bound alone asks for), and the run it plans spends close to, not over, the target."""
+    sampling = Sampling("fixed", 66, 48)
+    z = calibrate_noise_multiplier(4.0, DELTA, 5, sampling)
+    assert z == pytest.approx(calibrate_noise_multiplier(4.0, DELTA, 5, sampling.without_amplification()))
+    assert hand_built("rdp", "fixed", z, 5, n=66, k=48) > 4.0  # the sampled bound alone would overspend
+    planned = Accountant("rdp", sampling)
+    planned.step(GaussianRound(z), rounds=5)
+    assert 0.98 * 4.0 <= planned.epsilon(DELTA) <= 4.0
+    assert rounds_within_budget(GaussianRound(z), 4.0, DELTA, sampling) == 5
+
+
 def test_would_exceed_stops_at_the_right_round():
     sampling, z = Sampling("poisson", 200, 10), 1.0
     budget = hand_built("rdp", "poisson", z, 7) * 1.0001  # exactly 7 rounds fit

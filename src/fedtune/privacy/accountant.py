@@ -151,6 +151,16 @@ def fresh_accountant(
     return rdp_privacy_accountant.RdpAccountant(neighboring_relation=rel)
 
 
+def bounds(sampling: Sampling) -> tuple[Sampling, ...]:
+    """The samplings whose epsilon each holds for a run sampled by `sampling`: itself and, when it samples,
+    the same neighbouring relation without amplification (neighbouring cohorts differ in one client).
+    A run's epsilon is the least of them; the bound for sampling without replacement can come out looser
+    than none at large cohort fractions, e.g. 48 of 66 clients."""
+    if sampling.kind == "none":
+        return (sampling,)
+    return (sampling, sampling.without_amplification())
+
+
 def _mechanism_type(history: Sequence[tuple[Mechanism, int]]) -> type[Mechanism]:
     kinds = {type(m) for m, _ in history}
     if len(kinds) > 1:
@@ -227,9 +237,7 @@ class Accountant:
             self._history.append((mechanism, rounds))
 
     def epsilon(self, delta: float) -> float:
-        """Epsilon at `delta` spent so far: the amplified bound, or the unamplified one where that is
-        tighter (both hold; the bound for sampling without replacement can come out looser than none at
-        large cohort fractions, e.g. 48 of 66 clients)."""
+        """Epsilon at `delta` spent so far: the least of the `bounds` that hold for the sampling."""
         return self._epsilon_with(None, 0, delta, self.sampling)
 
     def epsilon_known_cohort(self, delta: float) -> float:
@@ -257,14 +265,7 @@ class Accountant:
                 history.append((extra, rounds))
         key = (tuple(history), delta, sampling)
         if key not in self._cache:
-            epsilon = epsilon_of(history, delta, self.kind, sampling)
-            if (
-                sampling.kind != "none"
-            ):  # neighbouring cohorts differ in one client: the unsampled bound holds
-                epsilon = min(
-                    epsilon, epsilon_of(history, delta, self.kind, sampling.without_amplification())
-                )
-            self._cache[key] = epsilon
+            self._cache[key] = min(epsilon_of(history, delta, self.kind, s) for s in bounds(sampling))
         return self._cache[key]
 
     def state_dict(self) -> dict[str, Any]:
@@ -304,14 +305,29 @@ def calibrate_noise_multiplier(
     mechanism_for: Callable[[float], Mechanism] = GaussianRound,
 ) -> float:
     """The smallest noise multiplier z (within 1e-4) whose `rounds` rounds spend at most
-    `target_epsilon` at `delta`, by `dp_accounting.calibrate_dp_mechanism`. `mechanism_for(z)` builds a
-    round's mechanism from z: the Gaussian by default, the distributed Skellam with its integer domain."""
+    `target_epsilon` at `delta` by the bound `Accountant.epsilon` reports (the least of `bounds`), by
+    `dp_accounting.calibrate_dp_mechanism`. `mechanism_for(z)` builds a round's mechanism from z: the
+    Gaussian by default, the distributed Skellam with its integer domain."""
     if not (math.isfinite(target_epsilon) and target_epsilon > 0):
         raise ValueError(f"target_epsilon must be positive and finite, got {target_epsilon}")
     if rounds < 1:
         raise ValueError(f"rounds must be at least 1, got {rounds}")
+    check_supported(kind, sampling.kind, type(mechanism_for(1.0)))
+    # epsilon falls as z grows: the least z meeting the target under either bound meets it under their min
+    return min(
+        _calibrated_under(target_epsilon, delta, rounds, s, kind, mechanism_for) for s in bounds(sampling)
+    )
+
+
+def _calibrated_under(
+    target_epsilon: float,
+    delta: float,
+    rounds: int,
+    sampling: Sampling,
+    kind: AccountantKind,
+    mechanism_for: Callable[[float], Mechanism],
+) -> float:
     mechanism = type(mechanism_for(1.0))
-    check_supported(kind, sampling.kind, mechanism)
 
     def event(z: float) -> dp_event.DpEvent:
         if z <= 0:
@@ -341,7 +357,19 @@ def rounds_within_budget(
     kind: AccountantKind = "rdp",
     max_rounds: int = 10_000,
 ) -> int:
-    """The most rounds of `mechanism` whose epsilon at `delta` stays within `target_epsilon` (0 if none)."""
+    """The most rounds of `mechanism` whose epsilon at `delta` (the least of `bounds`) stays within
+    `target_epsilon` (0 if none)."""
+    return max(_rounds_under(mechanism, target_epsilon, delta, s, kind, max_rounds) for s in bounds(sampling))
+
+
+def _rounds_under(
+    mechanism: Mechanism,
+    target_epsilon: float,
+    delta: float,
+    sampling: Sampling,
+    kind: AccountantKind,
+    max_rounds: int,
+) -> int:
     if epsilon_of([(mechanism, 1)], delta, kind, sampling) > target_epsilon:
         return 0
     lo, hi = 1, max_rounds  # epsilon is non-decreasing in rounds: bisect for the last one within budget
