@@ -182,7 +182,7 @@ def main() -> None:
     parser.add_argument("--report", action="store_true")
     args = parser.parse_args()
     if args.report:
-        from bench.attacks_report import report
+        from attacks_report import report  # bench/attacks_report.py, beside this script
 
         report(RESULTS, args.gamma)
         return

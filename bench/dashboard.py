@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import statistics
 import subprocess
 import sys
@@ -31,17 +30,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-
+import chromium  # bench/chromium.py, beside this script
 
 SERVE = """
 import sys
@@ -110,9 +99,8 @@ def main() -> None:
     args = parser.parse_args()
     from playwright.sync_api import sync_playwright
 
-    chromium = shutil.which("chromium")
-    if chromium is None:
-        raise SystemExit("no chromium: apt-get install chromium (make test does it as root)")
+    if chromium.BINARY is None:
+        raise SystemExit(chromium.MISSING)
     load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(tmp) / "long"
@@ -120,7 +108,7 @@ def main() -> None:
         api_first, api_later, page_s, heap_mib, rss_start, rss_end = [], [], [], [], [], []
         body = b""
         with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+            browser = chromium.launch(pw)
             for _ in range(args.repeats):  # a fresh server each time: its first read is cold
                 server = subprocess.Popen(
                     [sys.executable, "-c", SERVE, str(run)], stdin=subprocess.PIPE, stdout=subprocess.PIPE

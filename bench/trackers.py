@@ -11,6 +11,9 @@ writer thread does per round (the same rows logged again synchronously), which o
 
     .venv/bin/python bench/trackers.py                            # SmolLM2-135M, the default job
     .venv/bin/python bench/trackers.py --set model.name=tiny      # a quick look
+
+Writes bench/results/trackers-<model>.json (with the load average before and after). Run it on a quiet
+machine.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from fedtune.tracking import Tracker, default_mlflow_uri, open_trackers, scalars
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 OUT = Path("bench/out/trackers")
+RESULTS = Path("bench/results")
 
 
 class Timed:
@@ -107,6 +111,7 @@ def main() -> None:
         "tracking.mlflow=true",
     ]
     config = load_config(None, overrides)
+    load_before = os.getloadavg()[0]
     shutil.rmtree(OUT, ignore_errors=True)
     opening = opening_seconds(config, OUT / "opening")
 
@@ -146,8 +151,9 @@ def main() -> None:
             w / r["round_seconds"] for w, r in zip(writes, per_round, strict=True) if r["round"] > 0
         ),
     }
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / f"trackers-{config.model.name}.json").write_text(json.dumps(report, indent=1))
+    report["load_before"], report["load_after"] = load_before, os.getloadavg()[0]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"trackers-{config.model.name}.json").write_text(json.dumps(report, indent=1) + "\n")
     print(f"machine: {report['machine']}; {config.model.name}, {report['rounds']} rounds")
     print(f"opening both trackers on a fresh store, with the params: {opening:.2f} s (once per run)")
     print("round  round s  " + "  ".join(f"{n} ms" for n in names) + "  share of the round")

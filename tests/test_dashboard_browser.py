@@ -17,25 +17,12 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Browser, Page, sync_playwright
 
+from bench import chromium
 from fedtune.dashboard import DashboardServer
 from fedtune.store import Store
 from tests.dashboard_fixtures import round_result
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-pytestmark = pytest.mark.skipif(
-    CHROMIUM is None, reason="no chromium binary: `apt-get install chromium` (make test does it as root)"
-)
-# offline machines: no sandbox (root in a container), no GPU, and nothing that would call out
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
+pytestmark = pytest.mark.skipif(chromium.BINARY is None, reason=chromium.MISSING)
 TINY = [
     "model.name=tiny",
     "data.max_seq_len=32",
@@ -54,7 +41,7 @@ UPDATE_MS = 8000  # the page polls every 2 s
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        browser = chromium.launch(pw)
         yield browser
         browser.close()
 
