@@ -26,6 +26,7 @@ import os
 import platform
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import get_args
 
@@ -68,9 +69,6 @@ DECENTRAL_JOB = [
     "federation.graph_degree=4",
 ]
 DECENTRAL_RULES = ["fedavg", "balance"]
-DECENTRAL_EXTRA: list[str] = []  # --gamma's setting; its cells are named "-g<gamma>"
-TRIAL: list[str] = []  # --set's settings (a trial of an attack's strength); its cells are named "-<tag>"
-TAG: list[str] = []
 
 
 # per attack: ALIE's z_max for 20 clients and 4 attackers is 0.39, which left FedAvg's loss as it was
@@ -80,26 +78,47 @@ TAG: list[str] = []
 EXTRA = {"alie": ["attack.z=1.5"], "backdoor": ["attack.boost=5"]}
 
 
-def cell_name(fraction: float, attack: str, rule: str, seed: int = 0, decentral: bool = False) -> str:
-    name = f"{'dec-' if decentral else ''}{0 if attack == 'none' else round(fraction * 100)}-{attack}-{rule}"
-    if decentral and rule == "balance" and DECENTRAL_EXTRA:
-        name += "-g" + DECENTRAL_EXTRA[0].split("=")[1]
-    if TAG:
-        name += f"-{TAG[0]}"
-    return name if seed == 0 else f"{name}-seed{seed}"
+@dataclass(frozen=True)
+class Variant:
+    """What a sweep varies beyond (fraction, attack, rule), and how it names its cells: the run seed
+    (controls: "-seed<N>"), the decentralized federation ("dec-"), BALANCE's gamma ("-g<gamma>"), and a
+    trial's settings (`--set`, named by `--tag`: "-<tag>")."""
+
+    seed: int = 0
+    decentral: bool = False
+    gamma: float | None = None
+    trial: tuple[str, ...] = ()
+    tag: str | None = None
+
+    def job(self) -> list[str]:
+        """The job's settings; the trial's come last, after the attack's (so they may change them)."""
+        if not self.decentral:
+            return list(JOB)
+        return [*DECENTRAL_JOB, *([] if self.gamma is None else [f"server.balance_gamma={self.gamma}"])]
 
 
-def run_cell(fraction: float, attack: str, rule: str, seed: int = 0, decentral: bool = False) -> dict:
+def cell_name(fraction: float, attack: str, rule: str, variant: Variant = Variant()) -> str:
+    v = variant
+    attacked = 0 if attack == "none" else round(fraction * 100)
+    name = f"{'dec-' if v.decentral else ''}{attacked}-{attack}-{rule}"
+    if v.decentral and rule == "balance" and v.gamma is not None:
+        name += f"-g{v.gamma}"
+    if v.tag:
+        name += f"-{v.tag}"
+    return name if v.seed == 0 else f"{name}-seed{v.seed}"
+
+
+def run_cell(fraction: float, attack: str, rule: str, variant: Variant = Variant()) -> dict:
     from fedtune.config import load_config
     from fedtune.decentral import run_decentralized
     from fedtune.simulation import simulate
 
-    name = cell_name(fraction, attack, rule, seed, decentral)
-    job = [*DECENTRAL_JOB, *DECENTRAL_EXTRA] if decentral else JOB
-    sets = [*job, f"server.rule='{rule}'", f"run.dir='bench/out/attacks/{name}'", f"run.seed={seed}"]
+    name, decentral = cell_name(fraction, attack, rule, variant), variant.decentral
+    sets = [*variant.job(), f"server.rule='{rule}'", f"run.dir='bench/out/attacks/{name}'"]
+    sets.append(f"run.seed={variant.seed}")
     if attack != "none":
         sets += [f"attack.kind='{attack}'", f"attack.fraction={fraction}", *EXTRA.get(attack, [])]
-    sets += TRIAL
+    sets += variant.trial
     config = load_config(None, sets)
     load = os.getloadavg()[0]
     started = time.perf_counter()
@@ -122,7 +141,7 @@ def run_cell(fraction: float, attack: str, rule: str, seed: int = 0, decentral: 
         "fraction": 0.0 if attack == "none" else fraction,
         "attack": attack,
         "rule": rule,
-        "seed": seed,
+        "seed": variant.seed,
         "rounds": last["round"],
         "eval_loss_before": rows[0]["eval_loss"],
         "eval_loss": last["eval_loss"],
@@ -145,17 +164,15 @@ def run_cell(fraction: float, attack: str, rule: str, seed: int = 0, decentral: 
     }
 
 
-def sweep(
-    fractions: list[float], attacks: list[str], rules: list[str], seed: int = 0, decentral: bool = False
-) -> None:
+def sweep(fractions: list[float], attacks: list[str], rules: list[str], variant: Variant = Variant()) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     cells = [(0.0, "none", r) for r in rules if "none" in attacks]
     cells += [(f, a, r) for f in fractions for a in attacks if a != "none" for r in rules]
     for fraction, attack, rule in cells:
-        path = RESULTS / f"{cell_name(fraction, attack, rule, seed, decentral)}.json"
+        path = RESULTS / f"{cell_name(fraction, attack, rule, variant)}.json"
         if path.exists():
             continue
-        out = run_cell(fraction, attack, rule, seed, decentral)
+        out = run_cell(fraction, attack, rule, variant)
         out["machine"] = (
             f"{platform.machine()}, {len(os.sched_getaffinity(0))} cores, torch {torch.__version__}"
         )
@@ -191,11 +208,8 @@ def main() -> None:
     rules = args.rules or ",".join(DECENTRAL_RULES if args.decentralized else RULES)
     if bool(args.set) != bool(args.tag):
         parser.error("--set and --tag go together: a trial's cells are named by its tag")
-    TRIAL.extend(args.set)
-    TAG.extend([args.tag] if args.tag else [])
-    if args.gamma is not None:
-        DECENTRAL_EXTRA.append(f"server.balance_gamma={args.gamma}")
-    sweep(fractions, args.attacks.split(","), rules.split(","), args.seed, args.decentralized)
+    variant = Variant(args.seed, args.decentralized, args.gamma, tuple(args.set), args.tag)
+    sweep(fractions, args.attacks.split(","), rules.split(","), variant)
 
 
 if __name__ == "__main__":
