@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -164,6 +165,21 @@ def run_cell(fraction: float, attack: str, rule: str, variant: Variant = Variant
     }
 
 
+def source_commit() -> str | None:
+    """The commit of fedtune's source the cell ran (with "+changes" when src/ differs from it): a cell is
+    comparable with another only when the code that made them trains and attacks alike."""
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout
+
+    try:
+        head = git("rev-parse", "--short", "HEAD").strip()
+        return head + ("+changes" if git("status", "--porcelain", "--", "src").strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 def sweep(fractions: list[float], attacks: list[str], rules: list[str], variant: Variant = Variant()) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     cells = [(0.0, "none", r) for r in rules if "none" in attacks]
@@ -173,6 +189,7 @@ def sweep(fractions: list[float], attacks: list[str], rules: list[str], variant:
         if path.exists():
             continue
         out = run_cell(fraction, attack, rule, variant)
+        out["source"] = source_commit()
         out["machine"] = (
             f"{platform.machine()}, {len(os.sched_getaffinity(0))} cores, torch {torch.__version__}"
         )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from pathlib import Path
 from statistics import mean
 
@@ -129,6 +130,8 @@ def report(results: Path, gamma: float | None = None) -> None:
     if clean is None:
         raise SystemExit("run the no-attack FedAvg cell first: it is what every change is against")
     print(f"no-attack FedAvg: eval loss {clean['eval_loss_before']:.4f} -> {clean['eval_loss']:.4f}\n")
+    sources = Counter(c.get("source") or "not recorded" for c in everything.values())
+    print("cells by source commit: " + ", ".join(f"{k} {n}" for k, n in sorted(sources.items())) + "\n")
     control = cells.get("0-none-fedavg-seed1")
     if control is not None and set(control["per_client_after"]) == set(clean["per_client_after"]):
         print(f"control, no attack with run.seed = 1: {change(control, clean):+.2f}% (the noise floor)\n")
