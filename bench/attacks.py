@@ -92,7 +92,8 @@ class Variant:
     tag: str | None = None
 
     def job(self) -> list[str]:
-        """The job's settings; the trial's come last, after the attack's (so they may change them)."""
+        """The job's settings, star or decentralized (with gamma); `run_cell` adds the rule's, the attack's
+        and, last so that they may change the attack's, the trial's."""
         if not self.decentral:
             return list(JOB)
         return [*DECENTRAL_JOB, *([] if self.gamma is None else [f"server.balance_gamma={self.gamma}"])]
