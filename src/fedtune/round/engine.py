@@ -1,16 +1,16 @@
 """The round engine: one federated round, the same in simulation and in a deployment.
 
-Per round: draw the cohort (`sampling`), open the round on the transport, hand every member the task
-(the global adapter, the DP clip, the random-k seed), take their submissions into a sum (`collect`, in the
-clear) or run SecAgg+ through the transport (`secure`), then on the sum: noise (central DP; a distributed
-sum already holds it) -> rule (the weighted mean over the public or summed denominator, or a rule over
-every update) -> server optimizer, or a product-space merge (`server.lora_aggregation = "svd"`) over every
-update. Under SCAFFOLD (`round.scaffold`) the task carries the server control c, an update is
+Per round: draw the cohort (`sampling`), open the round on the transport, hand every member the task (the
+global adapter, the DP clip, the random-k seed), take their submissions (`phase`: into a sum or a stack in the
+clear through `collect`, or SecAgg+ through the transport, `secure`), then on the sum: noise (central DP; a
+distributed sum already holds it) -> rule (the weighted mean over the public or summed denominator, or a rule
+over every update) -> server optimizer, or a product-space merge (`server.lora_aggregation = "svd"`) over
+every update. Under SCAFFOLD (`round.scaffold`) the task carries the server control c, an update is
 [delta, s * Delta c_i], and the sum's second half moves c. After every `eval.every` rounds, and after the
 round a run ends with, the new global adapter is evaluated by the evaluation clients (a second exchange,
 `Purpose.EVALUATE`); with `[personalize]` the last evaluation also asks each client for its personal
-adapter's loss (`round.personal`), and under split personalization the updates are A's deltas only,
-placed into the adapter (B left as it is) before the rule.
+adapter's loss (`round.personal`), and under split personalization the updates are A's deltas only, placed
+into the adapter (B left as it is) before the rule.
 
 Policy, one rule for both modes:
 - weights: `WeightRule` (training examples capped at `data.max_examples_per_client`; 1 under DP);
@@ -29,7 +29,7 @@ Policy, one rule for both modes:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,17 +39,17 @@ from fedtune.aggregate import Aggregator, StackedUpdates, SummedUpdates
 from fedtune.errors import ConfigError
 from fedtune.evaluate import combine, perplexity
 from fedtune.privacy.dpfedavg import ClientLevelDp, PrivacyMetrics
-from fedtune.round.collect import PlainCollection, train_loss
+from fedtune.round.collect import train_loss
 from fedtune.round.evaluation import evaluate_on
-from fedtune.round.messages import ClientReport, TrainRequest, TrainTask
+from fedtune.round.messages import ClientReport, TrainTask
 from fedtune.round.personal import expand
+from fedtune.round.phase import Collected, collect_plain, collect_secure, failure
 from fedtune.round.plan import DpRandomness, Member, RunPlan
-from fedtune.round.ranks import contributors, rank_coordinates, step_scale
-from fedtune.round.results import EvalSummary, PersonalEval, RoundResult, SecAggMetrics, SvdMetrics
+from fedtune.round.ranks import contributors, step_scale
+from fedtune.round.results import EvalSummary, PersonalEval, RoundResult, SvdMetrics
 from fedtune.round.sampling import draw_cohort
 from fedtune.round.scaffold import server_step, split
-from fedtune.round.secure import run_secure_round
-from fedtune.round.transport import Exchange, Phase, Purpose, Transport
+from fedtune.round.transport import Purpose, Transport
 from fedtune.seeding import derive_seed
 
 
@@ -63,20 +63,6 @@ class EngineState:
     dp_state: dict[str, Any] | None
     dpsgd_epsilon_max: float | None
     control: torch.Tensor | None = None  # SCAFFOLD's server control c (float32); None: off
-
-
-@dataclass(frozen=True, eq=False)
-class _Collected:
-    """A training phase's outcome, from either path."""
-
-    updates: SummedUpdates | StackedUpdates | None
-    reports: Mapping[int, ClientReport]
-    accepted: Mapping[int, ClientReport]
-    failures: Mapping[int, tuple[str, str]]
-    bytes_up: int
-    bytes_down: int
-    seconds: float
-    secagg: SecAggMetrics | None = None
 
 
 class RoundEngine:
@@ -227,13 +213,25 @@ class RoundEngine:
             control=self.control,
         )
         self.transport.open_round(round_num, Purpose.TRAIN, members)
-        collected: _Collected | None = None
+        collected: Collected | None = None
         try:
-            collected = self._secure(task, members) if plan.secure is not None else self._plain(task, members)
+            if plan.secure is not None:
+                collected = collect_secure(self.transport, plan, task, members, dp=self.dp)
+            else:
+                collected = collect_plain(
+                    self.transport,
+                    plan,
+                    task,
+                    members,
+                    linear=self.aggregator.linear,
+                    dp=self.dp,
+                    rank_masks=self._rank_masks,
+                )
         finally:
             abort = None if collected is None or collected.secagg is None else collected.secagg.abort
             refused = dict(self.transport.close_round(abort))
-        failed = self._failure(collected)
+        assert collected is not None  # an exception in the phase has left already
+        failed = failure(collected, dp_on=self.dp is not None, min_clients=plan.min_clients)
         privacy, residual = None, None
         if failed is None:
             updates = collected.updates
@@ -298,88 +296,6 @@ class RoundEngine:
             return None
         return derive_seed(self.plan.seed, "compress-randomk", round_num).to_bytes(32, "big")
 
-    def _plain(self, task: TrainTask, members: Sequence[Member]) -> _Collected:
-        plan = self.plan
-        target = plan.cohort if plan.selected > plan.cohort else None
-        coordinates = rank_coordinates(self.plan, members, self._rank_masks)
-        collection = PlainCollection(
-            numel=plan.update_numel,
-            weights=plan.weights,
-            linear=self.aggregator.linear,
-            shared_seed=task.shared_seed,
-            clip_l2_norm=None if self.dp is None else self.dp.clip_l2_norm,
-            target=target,
-            coordinates=coordinates,
-        )
-        messages = {
-            m.slot: TrainRequest(
-                task, m, None if m.slot not in coordinates else int(coordinates[m.slot].sum())
-            )
-            for m in members
-        }
-        done = self.transport.exchange(Exchange(Phase.TRAIN, messages, collection.deliver, target))
-        updates: SummedUpdates | StackedUpdates | None = None
-        if self.dp is not None:  # the noised sum is released whoever answered: zeros count as zeros
-            updates = collection.summed(self.dp.plan.denominator)
-        elif collection.updates.count:
-            updates = collection.summed()
-        return _Collected(
-            updates,
-            collection.reports,
-            collection.accepted,
-            collection.failures,
-            collection.bytes_up,
-            sum(messages[slot].nbytes() for slot in done.received),
-            done.seconds,
-        )
-
-    def _secure(self, task: TrainTask, members: Sequence[Member]) -> _Collected:
-        plan, secure = self.plan, self.plan.secure
-        assert secure is not None
-        graph_seed = None
-        if plan.reproducible_graph:
-            graph_seed = derive_seed(plan.seed, "secagg-graph", task.round_num).to_bytes(32, "big")
-        distributed = None if self.dp is None else self.dp.plan.distributed
-        outcome = run_secure_round(
-            self.transport,
-            members,
-            task,
-            secure,
-            numel=plan.update_numel,
-            compression=plan.compression,
-            graph_seed=graph_seed,
-            noise_variance=0.0 if distributed is None else distributed.client_variance,
-            distributed=distributed is not None,
-        )
-        updates = outcome.summed
-        if updates is not None and self.dp is not None:
-            updates = SummedUpdates(updates.total, self.dp.plan.denominator, updates.count)
-        return _Collected(
-            updates,
-            outcome.reports,
-            outcome.accepted,
-            outcome.failures,
-            outcome.bytes_up,
-            outcome.bytes_down,
-            outcome.train_seconds,
-            outcome.metrics,
-        )
-
-    def _failure(self, collected: _Collected | None) -> str | None:
-        """Why the round fails (its adapter left as it was), or None."""
-        assert collected is not None
-        if collected.secagg is not None and collected.secagg.abort is not None:
-            return f"{collected.secagg.abort}: the global adapter is left as it was"
-        if self.dp is not None:  # every round releases its noised sum: who answered changes no output
-            return None
-        count = 0 if collected.updates is None else collected.updates.count
-        if count < self.plan.min_clients:
-            return (
-                f"{count} updates arrived, federation.min_clients = {self.plan.min_clients}: the global "
-                "adapter is left as it was"
-            )
-        return None
-
     def _move_control(self, updates: SummedUpdates | StackedUpdates) -> SummedUpdates:
         """SCAFFOLD: c <- c + (|S| / N) mean(Delta c_i) from the sum's second half; the first half is the
         round's delta sum, returned for the rule and the server optimizer."""
@@ -398,7 +314,7 @@ class RoundEngine:
         return SummedUpdates(deltas, updates.denominator, updates.count)
 
     def _privatize(
-        self, updates: SummedUpdates | StackedUpdates, collected: _Collected
+        self, updates: SummedUpdates | StackedUpdates, collected: Collected
     ) -> tuple[SummedUpdates, PrivacyMetrics]:
         """Central noise on the sum (a distributed sum holds its shares already), then the accountant."""
         dp = self.dp
